@@ -1,0 +1,222 @@
+"""The ADM UNet of Improved DDPM (Nichol & Dhariwal 2021), as a plain `model(x, t, y=None)` network.
+
+Structure (improved-diffusion's `UNetModel`): conv_in -> per level `num_res_blocks` ResBlocks (+ attention at the
+chosen resolutions) and a downsample -> middle (ResBlock, attention, ResBlock) -> mirrored decoder with
+`num_res_blocks + 1` ResBlocks per level fed by skip connections -> GroupNorm, SiLU, zero-initialised conv_out.
+
+The network knows nothing about diffusion: `t` is just a number embedded sinusoidally, `y` an optional label.
+Label `num_classes` is the *null class* (unconditional), the slot classifier-free guidance drops labels to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pakhsh.nets.attention import AttentionBlock, resolve_heads
+from pakhsh.nets.layers import Downsample, ResBlock, Upsample, norm, timestep_embedding, zero_module
+
+
+@dataclass
+class UNetConfig:
+    """Hyper-parameters of the ADM UNet (defaults: the Improved DDPM CIFAR-10 model)."""
+
+    image_size: int = 32  # training resolution; any H, W divisible by the total downsampling also work
+    in_channels: int = 3  # x_t channels, plus any conditions concatenated to it (e.g. 6 for Palette)
+    model_channels: int = 128  # width of the first level
+    out_channels: int = 3  # predicted channels; doubled when learn_sigma
+    num_res_blocks: int = 3  # ResBlocks per encoder level (decoder has one more)
+    attention_resolutions: tuple[int, ...] = (16, 8)  # spatial sizes (at image_size) that get self-attention
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # width multiplier per level; len-1 downsamplings
+    dropout: float = 0.1
+    num_classes: int | None = None  # class-conditional if set; label == num_classes means "no label"
+    learn_sigma: bool = False  # also output the variance interpolation v (Improved DDPM eq. 15)
+    num_heads: int = 4  # heads per attention block, used when num_head_channels == -1
+    num_head_channels: int = -1  # fixed width per head instead of a fixed head count (-1 = use num_heads)
+    use_scale_shift_norm: bool = True  # inject the embedding as (1+scale)*norm(h)+shift (ADM) vs add (DDPM)
+    resblock_updown: bool = False  # resample with ResBlocks (BigGAN style) instead of plain convs
+    use_checkpoint: bool = False  # gradient checkpointing: recompute blocks in backward to save memory
+    num_groups: int = 32  # GroupNorm groups (fewer where a width is smaller than this)
+
+    def __post_init__(self) -> None:
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.channel_mult = tuple(self.channel_mult)
+        validate_config(self)
+
+    @property
+    def out_dim(self) -> int:
+        """Channels the network outputs: out_channels, doubled for the learned variance."""
+        return self.out_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of inputs must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"UNetConfig.{field}: {message}")
+
+
+def validate_config(cfg: UNetConfig) -> None:
+    """Raise ValueError naming the offending field when `cfg` cannot build a UNet."""
+    for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_groups"):
+        _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
+    _check(len(cfg.channel_mult) >= 1 and all(m >= 1 for m in cfg.channel_mult), "channel_mult",
+           f"needs one or more positive multipliers, got {cfg.channel_mult}")
+    _check(cfg.image_size % cfg.downsample_factor == 0, "image_size",
+           f"{cfg.image_size} is not divisible by 2**(len(channel_mult)-1) = {cfg.downsample_factor}")
+    _check(0.0 <= cfg.dropout < 1.0, "dropout", f"must be in [0, 1), got {cfg.dropout}")
+    _check(cfg.num_classes is None or cfg.num_classes >= 1, "num_classes",
+           f"must be None or >= 1, got {cfg.num_classes}")
+    reachable = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
+    for r in cfg.attention_resolutions:
+        _check(r in reachable, "attention_resolutions", f"{r} is not a level resolution; levels are {reachable}")
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    for w in widths:
+        g = min(cfg.num_groups, w)
+        _check(w % g == 0, "model_channels",
+               f"level width {w} (model_channels * channel_mult) is not divisible by num_groups={cfg.num_groups}")
+    _check(cfg.num_head_channels == -1 or cfg.num_head_channels >= 1, "num_head_channels",
+           f"must be -1 (use num_heads) or >= 1, got {cfg.num_head_channels}")
+    _check(cfg.num_head_channels != -1 or cfg.num_heads >= 1, "num_heads", f"must be >= 1, got {cfg.num_heads}")
+    attn_widths = {widths[-1]} | {w for w, r in zip(widths, reachable) if r in cfg.attention_resolutions}
+    field = "num_head_channels" if cfg.num_head_channels > 0 else "num_heads"
+    for w in sorted(attn_widths):
+        try:
+            resolve_heads(w, cfg.num_heads, cfg.num_head_channels)
+        except ValueError as e:
+            raise ValueError(f"UNetConfig.{field}: {e}") from None
+
+
+class EmbedSequential(nn.ModuleList):
+    """A sequence of layers where ResBlocks also receive the embedding."""
+
+    def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
+        for layer in self:
+            x = layer(x, emb_act) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """ADM UNet: (x (B, C_in, H, W), t (B,), y (B,) | None) -> (B, out_dim, H, W)."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        validate_config(cfg)  # again: the dataclass may have been mutated after construction
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # One extra row: index num_classes is the learned "null" label for classifier-free guidance.
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.down, skip_widths, ch = self._build_encoder()
+        self.middle = EmbedSequential([self._res(ch, ch), self._attn(ch), self._res(ch, ch)])
+        self.up, ch = self._build_decoder(skip_widths, ch)
+        self.norm_out = norm(ch, cfg.num_groups)
+        self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_dim, 3, padding=1))
+        # channels_last lets oneDNN (CPU) and cuDNN (GPU) run convs and GroupNorm without layout
+        # conversions, and turns attention's (B,C,H,W)<->(B,HW,C) reshapes into free views.
+        self.to(memory_format=torch.channels_last)
+
+    # --- construction -------------------------------------------------------------------------------------
+    def _res(self, cin: int, cout: int, resample: str = "none") -> ResBlock:
+        c = self.cfg
+        return ResBlock(cin, 4 * c.model_channels, cout, c.dropout, c.use_scale_shift_norm, resample,
+                        c.use_checkpoint, c.num_groups)
+
+    def _attn(self, ch: int) -> AttentionBlock:
+        heads = resolve_heads(ch, self.cfg.num_heads, self.cfg.num_head_channels)
+        return AttentionBlock(ch, heads, self.cfg.use_checkpoint, self.cfg.num_groups)
+
+    def _build_encoder(self) -> tuple[nn.ModuleList, list[int], int]:
+        """Encoder blocks, the width of every skip they emit (conv_in's first), and the final width."""
+        c = self.cfg
+        blocks, ch, res = nn.ModuleList(), c.model_channels, c.image_size
+        skips = [ch]
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if res in c.attention_resolutions:
+                    layers.append(self._attn(ch))
+                blocks.append(EmbedSequential(layers))
+                skips.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = self._res(ch, ch, "down") if c.resblock_updown else Downsample(ch)
+                blocks.append(EmbedSequential([down]))
+                skips.append(ch)
+                res //= 2
+        return blocks, skips, ch
+
+    def _build_decoder(self, skips: list[int], ch: int) -> tuple[nn.ModuleList, int]:
+        """Decoder blocks; each consumes one skip (popped in reverse); returns them and the final width."""
+        c = self.cfg
+        blocks, skips = nn.ModuleList(), list(skips)
+        res = c.image_size // c.downsample_factor
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers: list[nn.Module] = [self._res(ch + skips.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if res in c.attention_resolutions:
+                    layers.append(self._attn(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(self._res(ch, ch, "up") if c.resblock_updown else Upsample(ch))
+                    res *= 2
+                blocks.append(EmbedSequential(layers))
+        return blocks, ch
+
+    # --- forward ------------------------------------------------------------------------------------------
+    def _check_inputs(self, x: Tensor, t: Tensor | float, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validate shapes at the boundary; returns t as (B,) and y as (B,) labels (null class if None)."""
+        c = self.cfg
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        f = c.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"H and W must be divisible by {f} (2**(len(channel_mult)-1)), got {h}x{w}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be (B,) = ({b},) or a scalar, got {tuple(t.shape)}")
+        if c.num_classes is None:
+            if y is not None:
+                raise ValueError("y (class labels) given but UNetConfig.num_classes is None")
+            return t, None
+        if y is None:  # no labels: everyone gets the null class (unconditional)
+            return t, torch.full((b,), c.num_classes, dtype=torch.long, device=x.device)
+        if y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"y must be integer labels of shape ({b},), got {y.dtype} {tuple(y.shape)}")
+        if bool((y < 0).any() | (y > c.num_classes).any()):
+            raise ValueError(f"y must be in [0, {c.num_classes}] ({c.num_classes} = null class)")
+        return t, y
+
+    def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """Timestep (+ label) embedding: (B,), (B,) -> (B, 4 * model_channels)."""
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        if self.label_emb is not None and y is not None:
+            emb = emb + self.label_emb(y).to(emb.dtype)
+        return emb
+
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """x: (B, C_in, H, W), t: (B,) timesteps, y: (B,) labels or None -> (B, out_dim, H, W) in x's dtype."""
+        t, y = self._check_inputs(x, t, y)
+        # Every ResBlock's embedding projection starts with SiLU; apply it once here instead of per block.
+        emb_act = F.silu(self.embed(t, y))  # (B, E)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, mc, H, W)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb_act)
+            skips.append(h)
+        h = self.middle(h, emb_act)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_dim, H, W)
+        # Autocast leaves a bf16/fp16 output; hand back the caller's dtype so diffusion maths stays in fp32.
+        return out.to(x.dtype).contiguous()

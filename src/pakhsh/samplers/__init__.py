@@ -1,0 +1,75 @@
+"""Samplers over a GaussianDiffusion and a model callable; all share one signature:
+
+    sampler(diffusion, model, x_T, *, cond, generator, callback, progress, clip_denoised, threshold, start_step)
+
+The steps walked are those of the `diffusion` passed in: respace it (`diffusion.respace("50")`) for fewer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+
+from ..diffusion.gaussian import GaussianDiffusion, ModelFn
+from .ancestral import ancestral_sample
+from .common import Callback, SamplerStep
+from .ddim import ddim_invert, ddim_sample
+from .dpm_solver import dpm_solver_pp_2m
+from .editing import interpolate, slerp, vary
+from .guidance import ClassifierFreeGuidance
+
+SamplerName = Literal[
+    "ddpm",  # ancestral sampling, any spacing (DDPM Algorithm 2)
+    "ddim",  # DDIM, eta in [0, 1] (eta = 0 deterministic)
+    "dpm++2m",  # DPM-Solver++(2M), good at 10-25 steps
+]
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": ancestral_sample,
+    "ddim": ddim_sample,
+    "dpm++2m": dpm_solver_pp_2m,
+}
+
+
+def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> str | None:
+    """The respacing string for `steps` sampling steps (None = all training steps)."""
+    if steps is None or steps >= num_train_steps:
+        return None
+    return f"ddim{steps}" if sampler == "ddim" else str(steps)
+
+
+def sample(
+    diffusion: GaussianDiffusion,
+    model: ModelFn,
+    x_T: torch.Tensor,
+    *,
+    sampler: str = "ddpm",
+    spacing: str | None = None,
+    eta: float = 0.0,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Respace (if asked) and run the named sampler; kwargs go to the sampler (cond, generator, callback, ...)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    d = diffusion.respace(spacing) if spacing else diffusion
+    if sampler == "ddim":
+        kwargs["eta"] = eta
+    return SAMPLERS[sampler](d, model, x_T, **kwargs)
+
+
+__all__ = [
+    "SAMPLERS",
+    "Callback",
+    "ClassifierFreeGuidance",
+    "SamplerStep",
+    "ancestral_sample",
+    "ddim_invert",
+    "ddim_sample",
+    "default_spacing",
+    "dpm_solver_pp_2m",
+    "interpolate",
+    "sample",
+    "slerp",
+    "vary",
+]

@@ -1,0 +1,59 @@
+"""Shared test fixtures: seeded generators, tiny closed-form models, and the --runslow switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pakhsh.diffusion import GaussianDiffusion, ModelOutput, VarianceType, linear_betas
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+class TrueEpsModel:
+    """Knows x_0: returns the exact eps (or x_0 / v) that produced x_t. Called with *training* steps t."""
+
+    def __init__(self, base: GaussianDiffusion, x0: torch.Tensor, learned_var: float | None = None) -> None:
+        self.base, self.x0, self.learned_var = base, x0, learned_var
+        self.calls = 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        self.calls += 1
+        abar = self.base.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        x0 = self.x0.expand_as(x_t)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        kind = self.base.model_output
+        out = eps if kind == ModelOutput.EPS else x0 if kind == ModelOutput.X0 else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        if self.learned_var is not None:
+            out = torch.cat([out, torch.full_like(out, self.learned_var)], dim=1)
+        return out
+
+
+@pytest.fixture
+def make_true_model():
+    return TrueEpsModel
+
+
+def tiny_diffusion(steps: int = 100, output: str = "eps", variance: str = "fixed_small") -> GaussianDiffusion:
+    return GaussianDiffusion(linear_betas(steps), ModelOutput(output), VarianceType(variance))
