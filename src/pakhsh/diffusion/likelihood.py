@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -81,15 +81,22 @@ def dataset_bpd(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
     progress: bool = True,
+    cond_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> BpdReport:
-    """Mean bits/dim over batches of images (tensors, or dicts with "image"), stopping after `max_images`."""
+    """Mean bits/dim over batches of images (tensors, or dicts with "image"), stopping after `max_images`.
+
+    `cond_fn` maps a dict batch to the model's condition keywords (e.g. {"y": labels}) for conditional models.
+    """
     total, prior, terms, n = 0.0, 0.0, None, 0
     bar = tqdm(total=max_images, disable=not progress, desc="bits/dim", unit="img")
     for batch in batches:
         x0 = (batch["image"] if isinstance(batch, dict) else batch).to(device)
-        if max_images is not None:
-            x0 = x0[: max_images - n]
-        out = calc_bpd(diffusion, model, x0, generator=generator)
+        keep = x0.shape[0] if max_images is None else max_images - n
+        x0 = x0[:keep]
+        cond = None
+        if cond_fn is not None and isinstance(batch, dict):
+            cond = {k: v[:keep].to(device) for k, v in cond_fn(batch).items()}
+        out = calc_bpd(diffusion, model, x0, cond=cond, generator=generator)
         total += out.total_bpd.sum().item()
         prior += out.prior_bpd.sum().item()
         terms = out.vb.sum(0) if terms is None else terms + out.vb.sum(0)

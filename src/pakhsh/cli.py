@@ -1,0 +1,258 @@
+"""The `pakhsh` command: thin wrappers (parse -> config -> library call) over training and pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_MODEL = "shapes"
+
+
+def _lambdas(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lambdas must be comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"lambdas must lie in [0, 1], got {text!r}")
+    return vals
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="checkpoint folder, run folder (its latest checkpoint) or shipped model name "
+                        "(default: %(default)s; shipped: shapes, fashion_mnist)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA average")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim",
+                   help="ddpm: ancestral; ddim: DDIM (eta); dpm++2m: DPM-Solver++(2M) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="sampling steps, a subset of the training steps (0 = all) (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale for class-conditional models (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="dynamic thresholding percentile (e.g. 0.995) instead of clipping x0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pakhsh", description="Train, sample, edit and evaluate diffusion models (DDPM / Improved DDPM).",
+        epilog="Run `pakhsh COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config", description=(
+        "Train from a YAML config (see configs/). Override any key with --set section.key=value; unknown keys "
+        "are errors. `accelerate launch` or `torchrun` run the same command on several GPUs/processes."))
+    p.add_argument("config", nargs="?", help="YAML experiment config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 --set data.name=fashion_mnist")
+    p.add_argument("--out", help="run folder (same as --set train.out_dir=...)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run folder's latest checkpoint")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images and write a PNG grid")
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--num", "-n", type=int, default=16, help="number of images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--label", type=int, action="append", help="class label(s) for class-conditional models")
+    p.add_argument("--out", "-o", default="samples.png", help="PNG grid path (default: %(default)s)")
+    p.add_argument("--singles", help="also write each image as its own PNG into this folder")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    p.add_argument("--scale", type=int, default=4, help="integer upscaling of the grid PNG (default: %(default)s)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("interpolate", help="interpolate two images through x_t (DDPM sec. 4.3)")
+    _add_model_args(p)
+    p.add_argument("image_a", help="image file, or data:INDEX for an image of the model's test split")
+    p.add_argument("image_b", help="image file, or data:INDEX")
+    p.add_argument("--lambdas", type=_lambdas, default=_lambdas("0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1"),
+                   help="mixing weights in [0, 1] (default: 9 evenly spaced)")
+    p.add_argument("--t", type=int, default=500, help="training step to mix at (default: %(default)s)")
+    p.add_argument("--mixing", choices=["linear", "slerp"], default="linear", help="how to mix (default: linear)")
+    p.add_argument("--steps", type=int, default=0, help="respaced steps for decoding (0 = all, as the paper)")
+    p.add_argument("--out", "-o", default="interpolation.png")
+    p.add_argument("--scale", type=int, default=4)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("vary", help="variations of an image from an intermediate x_t (DDPM Fig. 9)")
+    _add_model_args(p)
+    p.add_argument("image", help="image file, or data:INDEX for an image of the model's test split")
+    p.add_argument("--t", type=int, default=750, help="training step to restart from (default: %(default)s)")
+    p.add_argument("--count", type=int, default=8, help="number of variations (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=0, help="respaced steps for decoding (0 = all)")
+    p.add_argument("--out", "-o", default="variations.png")
+    p.add_argument("--scale", type=int, default=4)
+    p.set_defaults(func=cmd_vary)
+
+    p = sub.add_parser("nll", help="bits/dim (full variational bound) on a dataset split")
+    _add_model_args(p)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--max-images", type=int, default=256, help="images to evaluate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_nll)
+
+    p = sub.add_parser("info", help="summarise a checkpoint: config, parameters, training state")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL, help="checkpoint/run folder or shipped name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write an inference-only model folder (config + EMA weights)")
+    p.add_argument("checkpoint", help="run or checkpoint folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--no-ema", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _pipeline(args: argparse.Namespace) -> Any:
+    from .pipelines import ImagePipeline
+
+    return ImagePipeline.from_pretrained(args.model, ema=not args.no_ema, device=args.device, bf16=args.bf16)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import Trainer, load_experiment
+
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    cfg = load_experiment(args.config, overrides)
+    result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    if result.checkpoint is not None:  # the main process saved it; other ranks stay quiet
+        print(f"trained to step {result.step}; last loss {result.last_loss:.5f}; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .interop.images import save_grid, save_images
+    from .pipelines import SampleSettings
+
+    pipe = _pipeline(args)
+    settings = SampleSettings(args.sampler, args.steps or None, args.eta, args.guidance, threshold=args.threshold)
+    labels = None
+    if args.label:
+        labels = args.label if len(args.label) > 1 else args.label[0]
+        if isinstance(labels, list) and len(labels) != args.num:
+            raise ValueError(f"give one --label or exactly --num={args.num} of them, got {len(labels)}")
+    x = pipe.generate(args.num, settings, labels=labels, seed=args.seed, batch_size=args.batch_size,
+                      progress=not args.quiet)
+    path = save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
+    if args.singles:
+        save_images(x, args.singles)
+    print(f"wrote {x.shape[0]} samples to {path}" + (f" and {args.singles}/" if args.singles else ""))
+    return 0
+
+
+def _input_image(pipe: Any, spec: str) -> Any:
+    """An image file, or data:INDEX from the model's own dataset (test split)."""
+    from .interop.images import load_image
+
+    if spec.startswith("data:"):
+        from dataclasses import replace
+
+        from .data import build_dataset
+
+        ds = build_dataset(replace(pipe.config.data, split="test", random_flip=False))
+        return ds[int(spec[5:])]["image"].unsqueeze(0)
+    c, size, _ = pipe.image_shape
+    return load_image(spec, size=size, channels=c)
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .interop.images import save_grid
+
+    pipe = _pipeline(args)
+    a, b = _input_image(pipe, args.image_a), _input_image(pipe, args.image_b)
+    x = pipe.interpolate(a, b, args.lambdas, args.t, steps=args.steps or None, mixing=args.mixing, seed=args.seed)
+    import torch
+
+    row = torch.cat([a, x, b])  # source, the interpolations, target
+    path = save_grid(row, args.out, nrow=row.shape[0], scale=args.scale)
+    print(f"wrote {len(args.lambdas)} interpolations (t={args.t}) with sources at both ends to {path}")
+    return 0
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    import torch
+
+    from .interop.images import save_grid
+
+    pipe = _pipeline(args)
+    img = _input_image(pipe, args.image)
+    x = pipe.vary(img, args.t, args.count, steps=args.steps or None, seed=args.seed)
+    path = save_grid(torch.cat([img, x]), args.out, nrow=args.count + 1, scale=args.scale)
+    print(f"wrote the source and {args.count} variations from t={args.t} to {path}")
+    return 0
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from .data import build_dataset
+
+    pipe = _pipeline(args)
+    ds = build_dataset(replace(pipe.config.data, split=args.split, random_flip=False))
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
+    rep = pipe.nll(iter(loader), max_images=args.max_images, seed=args.seed, progress=not args.quiet)
+    print(f"{pipe.config.data.name} {args.split}: {rep.bpd:.4f} bits/dim over {rep.num_images} images "
+          f"(prior term {rep.prior_bpd:.5f}, decoder term {rep.terms_bpd[0]:.4f}, T={len(rep.terms_bpd)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dataset": pipe.config.data.name, "split": args.split,
+                                               "bpd": rep.bpd, "prior_bpd": rep.prior_bpd,
+                                               "terms_bpd": rep.terms_bpd, "num_images": rep.num_images}, indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .interop.config import to_dict
+    from .pipelines import resolve_model_path
+    from .training.checkpoint import load_model, load_state
+
+    loaded = load_model(resolve_model_path(args.checkpoint))
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    cfg = loaded.config
+    print(f"checkpoint: {loaded.path}\nweights:    {loaded.weights}\nparameters: {n_params:,}")
+    if (loaded.path / "state.pt").is_file():
+        print(f"step:       {load_state(loaded.path, 'state.pt')['step']}")
+    print(f"data:       {cfg.data.name} {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.out_channels}")
+    d = cfg.diffusion
+    print(f"diffusion:  T={d.num_steps} {d.schedule} output={d.model_output.value} variance={d.variance.value} loss={d.loss}")
+    print(json.dumps(to_dict(cfg), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training import export_model
+
+    out = export_model(args.checkpoint, args.out, ema=not args.no_ema)
+    print(f"exported to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+        print(f"pakhsh {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

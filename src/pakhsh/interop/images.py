@@ -1,0 +1,75 @@
+"""Images in and out: [-1, 1] tensors <-> uint8 arrays, PNG grids, and loading a user's image file."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding to the nearest of the 256 levels."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile (B, C, H, W) images in [-1, 1] into one (rows*H', cols*W', C) uint8 array (C = 1 or 3)."""
+    imgs = to_uint8(x)
+    b, h, w, c = imgs.shape
+    cols = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i in range(b):
+        r, k = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = imgs[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Save a (H, W, C) uint8 array as PNG (optionally upscaled by an integer factor, nearest), atomically."""
+    arr = array[..., 0] if array.shape[-1] == 1 else array
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, p)
+    return p
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save (B, C, H, W) images in [-1, 1] as one PNG grid."""
+    return save_png(make_grid(x, nrow), path, scale)
+
+
+def save_images(x: torch.Tensor, folder: str | Path, prefix: str = "", start: int = 0) -> list[Path]:
+    """Save each image of (B, C, H, W) in [-1, 1] as its own PNG: folder/{prefix}{index:06d}.png."""
+    out = []
+    for i, arr in enumerate(to_uint8(x)):
+        out.append(save_png(arr, Path(folder) / f"{prefix}{start + i:06d}.png"))
+    return out
+
+
+def load_image(path: str | Path, size: int | None = None, channels: int = 3) -> torch.Tensor:
+    """Read one image file -> (1, C, H, W) in [-1, 1], resized (shorter side) and centre-cropped to `size`."""
+    from ..data.transforms import ImageTransform  # data owns mode conversion (16-bit, CMYK, palette, alpha)
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            tf = ImageTransform(size=size, channels=channels) if size else ImageTransform(size=min(img.size), channels=channels)
+            return tf(img).unsqueeze(0)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {p}: {e}") from None

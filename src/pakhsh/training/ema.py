@@ -1,0 +1,57 @@
+"""Exponential moving averages of the weights (one per rate), as DDPM / iDDPM sample from (rate 0.9999)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """theta_ema <- rate * theta_ema + (1 - rate) * theta after every optimizer step, for each rate.
+
+    The averages are kept in float32 on the model's device, keyed by parameter name, so they can be saved as
+    safetensors and loaded into a fresh network of the same config.
+    """
+
+    def __init__(self, model: nn.Module, rates: Iterable[float]) -> None:
+        self.rates = [float(r) for r in rates]
+        for r in self.rates:
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"EMA rate must be in [0, 1), got {r}")
+        params = dict(model.named_parameters())
+        self.shadows = {r: {k: p.detach().float().clone() for k, p in params.items()} for r in self.rates}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Average in the current weights. With `step` given, each rate is capped at (1 + step) / (10 + step)
+        so short runs are not dominated by the random initialisation (a common EMA warm-up)."""
+        rates = {r: r if step is None else min(r, (1 + step) / (10 + step)) for r in self.rates}
+        for name, p in model.named_parameters():
+            src = p.detach().float()
+            for r, eff in rates.items():
+                self.shadows[r][name].lerp_(src, 1.0 - eff)
+
+    def state_dict(self, rate: float) -> dict[str, torch.Tensor]:
+        """The averaged parameters for one rate (buffers are not averaged; take them from the model)."""
+        return self.shadows[rate]
+
+    def load_state_dict(self, rate: float, state: dict[str, torch.Tensor]) -> None:
+        own = self.shadows[rate]
+        missing, unexpected = set(own) - set(state), set(state) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"EMA {rate}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+        for k, v in state.items():
+            own[k].copy_(v)
+
+    def copy_to(self, model: nn.Module, rate: float) -> None:
+        """Overwrite the model's parameters with the average for `rate`."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.shadows[rate][name].to(p.dtype))
+
+
+def rate_name(rate: float) -> str:
+    """A filename-safe name for a rate: 0.9999 -> "ema_0.9999"."""
+    return f"ema_{rate:g}"

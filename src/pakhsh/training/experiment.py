@@ -1,0 +1,78 @@
+"""The experiment config: one dataclass per component, gathered; read from YAML + `--set` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data import DataConfig
+from ..diffusion import DiffusionConfig
+from ..interop.config import apply_overrides, from_dict, load_yaml
+from ..nets.unet import UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: what minGPT's trainer and iDDPM's TrainLoop take, with pakhsh defaults."""
+
+    steps: int = 10000  # optimizer steps
+    batch_size: int = 64  # global batch (split over processes) per optimizer step, before accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 200  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    ema_rates: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = True  # cap the EMA rate at (1+step)/(10+step) early on (helps short runs)
+    sample_ema: float | None = None  # which EMA previews and exports use (default: the first rate)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (fp16 on GPU only)
+    timestep_sampler: Literal["uniform", "loss-aware"] = "uniform"
+    class_dropout: float = 0.1  # class-conditional models: labels replaced by the null class (for CFG)
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 1000
+    sample_every: int = 1000  # preview grid of EMA samples (0 = never)
+    num_preview: int = 16
+    preview_steps: int = 50  # sampling steps of the preview grids (DDIM)
+    keep_last: int = 3  # checkpoints kept on disk
+    out_dir: str = "runs/experiment"
+    device: str = "auto"  # "auto" lets accelerate choose (GPU when present)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.ema_rates = tuple(self.ema_rates)
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
+            "keep_last": self.keep_last >= 1, "class_dropout": 0 <= self.class_dropout < 1,
+            "ema_rates": len(self.ema_rates) >= 1, "log_every": self.log_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"train.{name} has an invalid value: {getattr(self, name)!r}")
+        if self.sample_ema is not None and self.sample_ema not in self.ema_rates:
+            raise ValueError(f"train.sample_ema {self.sample_ema} is not one of train.ema_rates {self.ema_rates}")
+
+    @property
+    def preview_ema(self) -> float:
+        return self.sample_ema if self.sample_ema is not None else self.ema_rates[0]
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs; saved as config.json beside every checkpoint."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file (or defaults) + `key.sub=value` overrides -> a checked ExperimentConfig."""
+    data: dict[str, Any] = load_yaml(path) if path else {}
+    return from_dict(ExperimentConfig, apply_overrides(data, overrides or []))

@@ -1,0 +1,106 @@
+"""What a run shows while it trains: JSONL log (+ TensorBoard when installed), loss-curve PNG, sample grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..interop.images import save_grid
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class RunLog:
+    """Appends one JSON object per logging interval to run_dir/log.jsonl; mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "log.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except Exception:  # TensorBoard is optional: the JSONL log is the record
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records past the checkpoint, so the log reads as one uninterrupted history."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+    def plot_loss(self) -> Path | None:
+        """loss.png beside the log: training loss (and its MSE / vb parts) against step, log scale."""
+        recs = self.records()
+        if not self.enabled or len(recs) < 2:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        steps = [r["step"] for r in recs]
+        for key in ("loss", "mse", "vb"):
+            vals = [r.get(key, 0.0) for r in recs]
+            if any(v > 0 for v in vals):
+                ax.plot(steps, vals, label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.path.with_name("loss.png")
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+
+@torch.no_grad()
+def save_preview(trainer: "Trainer", path: Path) -> Path:
+    """Sample `num_preview` images from the preview EMA with DDIM (fixed seed) and save them as a grid."""
+    from ..nets.unet import UNet
+    from ..samplers import ddim_sample
+
+    cfg = trainer.cfg
+    net = UNet(cfg.model).to(trainer.acc.device)
+    net.load_state_dict(trainer.acc.unwrap_model(trainer.model).state_dict())
+    trainer.ema.copy_to(net, cfg.train.preview_ema)
+    net.eval()
+    n, size = cfg.train.num_preview, cfg.model.image_size
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    x_T = torch.randn(n, cfg.model.out_channels, size, size, generator=g).to(trainer.acc.device)
+    cond = {}
+    if cfg.model.num_classes is not None:
+        cond["y"] = (torch.arange(n) % cfg.model.num_classes).to(trainer.acc.device)
+    steps = min(cfg.train.preview_steps, trainer.diffusion.num_steps)
+    d = trainer.diffusion.respace(f"ddim{steps}")
+    with trainer.acc.autocast():
+        x = ddim_sample(d, net, x_T, cond=cond, generator=g)
+    return save_grid(x, path, scale=2)
