@@ -153,7 +153,8 @@ class ImageFolderDataset(ImageDataset):
         bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
         if bad and self.strict:
             p, r = bad[0]
-            raise CorruptImageError(f"corrupt image file {p}: {r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CorruptImageError(f"corrupt image file {p}: {r}{more}")
         for p, r in bad:
             logger.info("skipping corrupt image %s: %s", p, r)
         if bad:

@@ -134,7 +134,7 @@ def pil_to_tensor(img: Image.Image, channels: int | None = None) -> torch.Tensor
     """PIL "L", "F" (0..255) or "RGB" -> float32 (C, H, W) in [-1, 1]; 1-band images repeat to `channels`."""
     if img.mode not in ("L", "F", "RGB"):
         raise ValueError(f"pil_to_tensor expects mode L, F or RGB (use normalize_mode first), got {img.mode!r}")
-    arr = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3)
+    arr = np.array(img, dtype=np.float32)  # (H, W) or (H, W, 3); a writable copy for torch
     if arr.ndim == 2:
         arr = arr[None]
     else:
@@ -152,7 +152,7 @@ def pil_to_tensor(img: Image.Image, channels: int | None = None) -> torch.Tensor
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W) or (H, W, C) array -> float32 (C, H, W) in [-1, 1]."""
     a = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(a)).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(a, dtype=np.float32)) / 127.5 - 1.0  # copy: PIL arrays are read-only
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pakhsh.data.base import ImageDataset, Sample, check_channels, repeat_channels
 from pakhsh.data.transforms import random_hflip_tensor
 
-TEST_EVERY = 5  # images with index % 5 == 0 form the test split (359), the rest train (1,438)
+TEST_EVERY = 5  # images with index % 5 == 0 form the test split (360), the rest train (1,437)
 
 
 @functools.lru_cache(maxsize=1)

@@ -59,7 +59,8 @@ def read_idx(path: str | os.PathLike, expect_ndim: int | None = None) -> np.ndar
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise IdxFormatError(
-            f"{path}: idx header declares shape {shape} ({expected} bytes of data) but the file holds {len(data) - header}"
+            f"{path}: idx header declares shape {shape} ({expected} bytes of data) "
+            f"but the file holds {len(data) - header}"
         )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 

@@ -127,7 +127,8 @@ def _star(r: float) -> np.ndarray:
 
 def _cross(r: float) -> np.ndarray:
     a, b = r, 0.36 * r  # half-length, half-width of the arms
-    return np.array([(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)])
+    quarter = [(-b, -a), (b, -a), (b, -b)]  # one arm's outline; rotating it by 90 degrees gives the rest
+    return np.array([(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in quarter])
 
 
 def shape_polygon(shape: int, cx: float, cy: float, r: float) -> np.ndarray | None:
