@@ -22,6 +22,7 @@ from pakhsh.metrics.features import (
     ImageSource,
     convert_images,
     extract,
+    item_image,
     iter_image_batches,
 )
 from pakhsh.metrics.fid import fid_from_features, kernel_inception_distance
@@ -101,9 +102,7 @@ def _first_shape(source: ImageSource) -> tuple[int, ...] | None:
     if isinstance(source, Tensor):
         return tuple(source.shape[1:])
     if isinstance(source, Dataset) and hasattr(source, "__len__") and len(source) > 0:
-        item = source[0]
-        image = item["image"] if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
-        return tuple(image.shape)
+        return tuple(item_image(source[0]).shape)
     return None
 
 
@@ -115,9 +114,9 @@ def _match_fake_to_real(real: ImageSource, fake: ImageSource, strict: bool) -> I
     message = f"real images are {rs} but fake images are {fs}"
     if strict:
         raise ValueError(message + " (strict=True)")
-    warnings.warn(message + f"; fake images converted to {rs}", stacklevel=3)
     if rs[1] != rs[2]:
         raise ValueError(message + ": cannot convert to non-square real images")
+    warnings.warn(message + f"; fake images converted to {rs}", stacklevel=3)
     if isinstance(fake, Tensor):
         return convert_images(fake, channels=rs[0], size=rs[1])
     return _Converted(fake, rs[0], rs[1])
@@ -144,9 +143,14 @@ def metrics_from_features(
     is_splits: int = 10,
     pr_k: int = 3,
     seed: int = 0,
+    pr_device: str | torch.device = "cpu",
 ) -> MetricReport:
-    """Metrics from already extracted features/logits (e.g. cached real features)."""
+    """Metrics from already extracted features/logits (e.g. cached real features). `seed` draws KID subsets;
+    `pr_device` runs the precision/recall distance blocks (a GPU for tens of thousands of samples)."""
     wanted = set(metrics)
+    unknown = wanted - set(ALL_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {list(ALL_METRICS)}")
     report = MetricReport(extractor=extractor_name, n_real=len(real.features), n_fake=len(fake.features))
     if "fid" in wanted:
         report.fid = fid_from_features(real.features, fake.features)
@@ -160,7 +164,7 @@ def metrics_from_features(
         score = inception_score(fake.logits, splits=splits)
         report.is_mean, report.is_std = score.mean, score.std
     if "pr" in wanted:
-        pr = precision_recall(real.features, fake.features, k=pr_k)
+        pr = precision_recall(real.features, fake.features, k=pr_k, device=pr_device)
         report.precision, report.recall = pr.precision, pr.recall
     return report
 

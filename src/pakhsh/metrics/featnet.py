@@ -94,7 +94,9 @@ class FeatureNetTrainResult:
         return dataclasses.asdict(self)
 
 
-def infer_config(dataset: Dataset, name: str = "featnet", width: int = 32, feature_dim: int = 128) -> FeatureNetConfig:
+def infer_feature_net_config(
+    dataset: Dataset, name: str = "featnet", width: int = 32, feature_dim: int = 128
+) -> FeatureNetConfig:
     """FeatureNetConfig fitting `dataset`: channels and size from its first image, classes from its
     `num_classes` attribute (pakhsh datasets have one) or else from the largest label."""
     item = dataset[0]
@@ -123,11 +125,18 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tenso
     return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
+def _collate_image_label(items: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Batch only "image" and "label": other fields (captions, boxes, ...) are not needed and may not stack."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "label": torch.tensor([int(it["label"]) for it in items])}
+
+
 def _batches(dataset: Dataset, batch_size: int, seed: int) -> Any:
     """Endless shuffled batches of {"image": (B,C,H,W), "label": (B,)}."""
     gen = torch.Generator().manual_seed(seed)
     drop_last = len(dataset) >= batch_size  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen,
+                        collate_fn=_collate_image_label)
     while True:
         yield from loader
 
@@ -215,7 +224,7 @@ def classification_accuracy(
     """Top-1 accuracy of `model` on a labelled dataset of {"image", "label"} dicts."""
     model.eval()
     correct, seen = 0, 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=_collate_image_label):
         logits = model(batch["image"].float().to(device)).logits
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(batch["label"]).long()).sum())
         seen += len(logits)

@@ -45,6 +45,7 @@ __all__ = [
     "ImageSource",
     "convert_images",
     "extract",
+    "item_image",
     "iter_image_batches",
     "unit_to_model_range",
     "model_to_unit_range",
@@ -228,6 +229,18 @@ class FeatureNetExtractor(FeatureExtractor):
         return out.features, out.logits
 
 
+def item_image(item: Any) -> Tensor:
+    """The image of a dataset item: {"image": ...} dicts, (image, label) pairs or bare tensors."""
+    if isinstance(item, dict):
+        return item["image"]
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _collate_images(items: list[Any]) -> Tensor:
+    """Stack only the images of dataset items (other fields, e.g. captions or boxes, need not batch)."""
+    return torch.stack([item_image(it) for it in items])
+
+
 def iter_image_batches(source: ImageSource, batch_size: int = 64) -> Iterator[Tensor]:
     """Yield (B, C, H, W) image batches from a tensor, a Dataset (items: dict with "image", or tensor), or batches."""
     if isinstance(source, Tensor):
@@ -236,12 +249,9 @@ def iter_image_batches(source: ImageSource, batch_size: int = 64) -> Iterator[Te
         yield from source.split(batch_size)
         return
     if isinstance(source, Dataset) and hasattr(source, "__len__"):
-        source = DataLoader(source, batch_size=batch_size, shuffle=False)
+        source = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=_collate_images)
     for batch in source:
-        if isinstance(batch, dict):
-            batch = batch["image"]
-        elif isinstance(batch, (tuple, list)):
-            batch = batch[0]  # (images, labels) style batches
+        batch = item_image(batch)
         if batch.ndim == 3:  # a single image
             batch = batch.unsqueeze(0)
         yield batch

@@ -35,12 +35,12 @@ def knn_radii(features: Tensor, k: int = 3, batch_size: int = 4096) -> Tensor:
     radii = []
     for rows in features.split(batch_size):
         # Keep only the k+1 smallest distances per row across column blocks (the +1 is the sample itself).
-        best = torch.full((len(rows), 0), float("inf"), dtype=features.dtype)
+        best = features.new_empty((len(rows), 0))
         for cols in features.split(batch_size):
             d = torch.cdist(rows, cols)
             best = torch.cat([best, d], dim=1).topk(k + 1, dim=1, largest=False).values
         radii.append(best[:, k])
-    return torch.cat(radii)
+    return torch.cat(radii)  # (N,)
 
 
 def manifold_coverage(
@@ -49,18 +49,20 @@ def manifold_coverage(
     """(M,) bool: whether each query sample lies within some reference ball ||q - r|| <= radius(r)."""
     inside = []
     for q in query.split(batch_size):
-        hit = torch.zeros(len(q), dtype=torch.bool)
+        hit = torch.zeros(len(q), dtype=torch.bool, device=q.device)
         for r, rad in zip(ref.split(batch_size), ref_radii.split(batch_size)):
             hit |= (torch.cdist(q, r) <= rad.unsqueeze(0)).any(dim=1)
         inside.append(hit)
-    return torch.cat(inside)
+    return torch.cat(inside)  # (M,)
 
 
 def precision_recall(
-    real: FeatureArray, fake: FeatureArray, k: int = 3, batch_size: int = 4096
+    real: FeatureArray, fake: FeatureArray, k: int = 3, batch_size: int = 4096, device: str | torch.device = "cpu"
 ) -> PRResult:
-    """Improved precision and recall of fake features (M, D) against real features (N, D), in float64."""
-    x, y = _as_tensor(real, "real"), _as_tensor(fake, "fake")
+    """Improved precision and recall of fake features (M, D) against real features (N, D), in float64.
+
+    The pairwise distances cost O((N + M)^2 D): for tens of thousands of samples pass a GPU `device`."""
+    x, y = _as_tensor(real, "real").to(device), _as_tensor(fake, "fake").to(device)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature sizes differ: {x.shape[1]} vs {y.shape[1]}")
     real_radii = knn_radii(x, k, batch_size)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from pakhsh.metrics.featnet import infer_config, save_feature_net, train_feature_net
+from pakhsh.metrics.featnet import infer_feature_net_config, save_feature_net, train_feature_net
 
 # Names that metric labels show (FID[fashion-net]-5k); other datasets get "<dataset>-net".
 DEFAULT_NAMES = {"fashion_mnist": "fashion-net", "digits": "digits-net", "shapes": "shapes-net"}
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     train, test = load_datasets(args.dataset, args.image_size, args.data_path, args.length)
     name = args.name or DEFAULT_NAMES.get(args.dataset, f"{args.dataset}-net")
-    cfg = infer_config(train, name=name, width=args.width, feature_dim=args.feature_dim)
+    cfg = infer_feature_net_config(train, name=name, width=args.width, feature_dim=args.feature_dim)
     model, result = train_feature_net(
         train, cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, progress=not args.no_progress, eval_dataset=test,
