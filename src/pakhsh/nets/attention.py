@@ -43,7 +43,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # recompute in backward instead of storing
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 

@@ -4,14 +4,14 @@ The block structure follows Improved DDPM / ADM (Nichol & Dhariwal 2021; Dhariwa
 block sees the timestep (and class) embedding through a scale-shift of its second GroupNorm, and its last conv
 starts at zero so every block begins as the identity.
 
-Mixed precision: under autocast the convolutions emit bf16/fp16, and we keep the whole activation stream in
-that dtype (norms included) instead of bouncing between fp32 and low precision around every norm. The norm
-kernels accumulate their statistics in fp32 internally, so this is numerically safe and saves a cast per norm.
+Mixed precision: under autocast the convolutions emit bf16/fp16 and the activation stream stays in that dtype;
+only GroupNorm computes in fp32 (see `GroupNorm`), and the timestep embedding is built in fp32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,26 +44,68 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The low-precision dtype autocast would use for `x`'s device, or None when autocast is off."""
     dev = x.device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm that keeps low-precision activations low-precision under autocast.
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last for a (B, C, H, W) tensor stored that way, else contiguous (NCHW)."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
-    Outside autocast it is plain GroupNorm. Under autocast we run the native kernel on the bf16/fp16 input
-    (its mean/variance accumulate in fp32), with the affine parameters cast to match, so the output dtype
-    equals the conv that consumes it next and no fp32 round trip happens.
+
+class _GroupNormFp32(torch.autograd.Function):
+    """GroupNorm computed in fp32 on a low-precision input, output cast back to that precision.
+
+    Written as a Function so backward saves the bf16/fp16 input (not its fp32 copy) and re-casts it there:
+    half the activation memory of `F.group_norm(x.float())`, for one extra cheap cast. The CPU kernels accept
+    channels_last; CUDA's want NCHW, so there the layout change rides along with the dtype cast.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float) -> Tensor:
+        b, c, hw = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        layout = _layout(x)
+        kernel_layout = layout if x.device.type == "cpu" else torch.contiguous_format
+        xf = x.to(torch.float32, memory_format=kernel_layout)
+        y, mean, rstd = torch.native_group_norm(xf, weight, bias, b, c, hw, groups, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.dims = (b, c, hw, groups)
+        ctx.layouts = (layout, kernel_layout)
+        return y.to(x.dtype, memory_format=layout)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        layout, kernel_layout = ctx.layouts
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        # The kernel needs grad and input in the same layout (autograd's own formula ensures the same).
+        xf = x.to(torch.float32, memory_format=kernel_layout)
+        grad = grad.to(torch.float32, memory_format=kernel_layout)
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(grad, xf, mean, rstd, weight, *ctx.dims, mask)
+        gx = gx.to(x.dtype, memory_format=layout) if gx is not None else None
+        return gx, gw, gb, None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that normalises in fp32 and hands back the autocast dtype (ADM's GroupNorm32, refined).
+
+    Outside autocast it is plain GroupNorm. Under autocast the statistics and normalisation run in fp32 (safe
+    for large activations) and the output is in the autocast dtype, so the SiLU and conv that follow read
+    half the bytes. Measured on CPU with channels_last activations, this fp32 path is also ~2.5x faster than
+    the native bf16 channels_last kernel.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         low = _autocast_dtype(x)
         if low is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        x = x.to(low)
+        # fp32 affine parameters even if the module itself was cast to bf16/fp16 (the kernel wants one dtype).
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
         with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
+            return _GroupNormFp32.apply(x.to(low), w, b, self.num_groups, self.eps)
 
 
 def norm(channels: int, max_groups: int = 32) -> GroupNorm:
@@ -100,7 +142,14 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _resample(x: Tensor, mode: str) -> Tensor:
+Resample = Literal[
+    "none",  # keep the resolution
+    "up",  # nearest-neighbour x2
+    "down",  # 2x2 average pooling
+]
+
+
+def _resample(x: Tensor, mode: Resample) -> Tensor:
     """Parameter-free resampling used inside up/down residual blocks."""
     if mode == "down":
         return F.avg_pool2d(x, 2)
@@ -114,7 +163,7 @@ class ResBlock(nn.Module):
 
     With `use_scale_shift_norm` the embedding gives (scale, shift) and the second norm's output becomes
     `(1 + scale) * h + shift`; otherwise the embedding is added before that norm (DDPM style).
-    `resample` in {"none", "up", "down"} makes this the up/down block of `resblock_updown`.
+    `resample` "up"/"down" makes this the resampling block of `resblock_updown` (BigGAN style).
     """
 
     def __init__(
@@ -124,7 +173,7 @@ class ResBlock(nn.Module):
         out_channels: int,
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
-        resample: str = "none",
+        resample: Resample = "none",
         use_checkpoint: bool = False,
         max_groups: int = 32,
     ) -> None:
@@ -143,7 +192,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
         """x: (B, C, H, W); emb_act: (B, E), the embedding after its SiLU (shared by all blocks)."""
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # recompute in backward instead of storing
             return checkpoint(self._forward, x, emb_act, use_reentrant=False)
         return self._forward(x, emb_act)
 
