@@ -55,5 +55,21 @@ def make_true_model():
     return TrueEpsModel
 
 
+def tiny_experiment(**sections: dict) -> dict:
+    """A tiny experiment config (8x8 shapes, 2-level UNet, T = 50) as a dict; `sections` update its parts."""
+    cfg = {
+        "name": "tiny",
+        "data": {"name": "shapes", "image_size": 8, "length": 64},
+        "model": {"image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [4], "dropout": 0.1, "num_groups": 8},
+        "diffusion": {"num_steps": 50, "schedule": "cosine"},
+        "train": {"steps": 10, "batch_size": 8, "log_every": 1, "save_every": 3, "sample_every": 0,
+                  "ema_rates": [0.9, 0.99], "device": "cpu", "warmup_steps": 2, "lr": 1e-3},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg[name], **values}
+    return cfg
+
+
 def tiny_diffusion(steps: int = 100, output: str = "eps", variance: str = "fixed_small") -> GaussianDiffusion:
     return GaussianDiffusion(linear_betas(steps), ModelOutput(output), VarianceType(variance))

@@ -12,17 +12,13 @@ from PIL import Image
 
 from pakhsh.cli import main
 from pakhsh.pipelines import ImagePipeline, SampleSettings, shipped_models
+from tests.conftest import tiny_experiment
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "shapes", "image_size": 8, "length": 32},
-    "model": {"image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attention_resolutions": [4], "dropout": 0.0, "num_groups": 8},
-    "diffusion": {"num_steps": 50, "schedule": "cosine"},
-    "train": {"steps": 2, "batch_size": 8, "log_every": 1, "save_every": 2, "sample_every": 2, "num_preview": 4,
-              "preview_steps": 3, "ema_rates": [0.9], "device": "cpu"},
-}
-
+TINY = tiny_experiment(
+    data={"length": 32},
+    model={"dropout": 0.0},
+    train={"steps": 2, "save_every": 2, "sample_every": 2, "num_preview": 4, "preview_steps": 3, "ema_rates": [0.9]},
+)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:

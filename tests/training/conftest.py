@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "shapes", "image_size": 8, "length": 64},
-    "model": {"image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attention_resolutions": [4], "dropout": 0.1, "num_groups": 8},
-    "diffusion": {"num_steps": 50, "schedule": "cosine"},
-    "train": {"steps": 10, "batch_size": 8, "log_every": 1, "save_every": 3, "sample_every": 0,
-              "ema_rates": [0.9, 0.99], "device": "cpu", "warmup_steps": 2, "lr": 1e-3},
-}
+from tests.conftest import tiny_experiment
+
+TINY = tiny_experiment()
 
 
 @pytest.fixture
