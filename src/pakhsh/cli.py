@@ -33,9 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim",
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddpm",
                    help="ddpm: ancestral; ddim: DDIM (eta); dpm++2m: DPM-Solver++(2M) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=50,
+    p.add_argument("--steps", type=int, default=100,
                    help="sampling steps, a subset of the training steps (0 = all) (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=1.0,
@@ -103,6 +103,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=cmd_nll)
+
+    p = sub.add_parser("eval", help="FID/KID/IS/precision-recall (and bits/dim) of a checkpoint or image folder",
+                       description=(
+        "Evaluate a checkpoint (it samples) or a folder of images against a dataset split, offline. Features come "
+        "from the dataset's built-in feature net (default) or the standard FID Inception read from a local file; "
+        "reference statistics are cached per (dataset, split, extractor, size, n). Writes JSON and a markdown table."))
+    p.add_argument("source", help="checkpoint/run folder or shipped model name (sampled), or a folder of images")
+    p.add_argument("--dataset", help="reference dataset (default: the checkpoint's; required for image folders)")
+    p.add_argument("--data-path", help="location of the reference dataset where it needs one")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="reference split (default: train)")
+    p.add_argument("--image-size", type=int, help="reference image size (default: checkpoint's or feature net's)")
+    p.add_argument("--num-real", type=int, default=10_000, help="reference images (default: %(default)s)")
+    p.add_argument("--num-samples", "-n", type=int, default=1000,
+                   help="images to sample, or at most this many from a folder (default: %(default)s)")
+    p.add_argument("--feature-net", help="'inception', a shipped net (fashion_mnist, shapes) or a FeatureNet folder "
+                                         "(default: the dataset's shipped net)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="local pt_inception-2015-12-05-6726825d.pth (selects the standard FID Inception)")
+    p.add_argument("--metrics", default="fid,kid,is,pr", help="comma-separated subset of fid,kid,is,pr")
+    _add_sampler_args(p)
+    p.add_argument("--bpd", action="store_true", help="also bits/dim (full bound) of the checkpoint on the test split")
+    p.add_argument("--bpd-images", type=int, default=256, help="test images for bits/dim (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--strict", action="store_true", help="size/channel mismatches and unreadable files are errors")
+    p.add_argument("--stats-dir", help="reference statistics cache (default: ~/.cache/pakhsh/stats)")
+    p.add_argument("--json", default="eval.json", help="JSON report path (default: %(default)s)")
+    p.add_argument("--markdown", default="eval.md", help="markdown report path (default: %(default)s)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA average")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast while sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="summarise a checkpoint: config, parameters, training state")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL, help="checkpoint/run folder or shipped name")
@@ -212,6 +245,27 @@ def cmd_nll(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"dataset": pipe.config.data.name, "split": args.split,
                                                "bpd": rep.bpd, "prior_bpd": rep.prior_bpd,
                                                "terms_bpd": rep.terms_bpd, "num_images": rep.num_images}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        source=args.source, dataset=args.dataset, data_path=args.data_path, split=args.split,
+        image_size=args.image_size, num_real=args.num_real, num_samples=args.num_samples,
+        feature_net=args.feature_net, inception_weights=args.inception_weights,
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), sampler=args.sampler,
+        steps=args.steps or None, eta=args.eta, guidance=args.guidance, ema=not args.no_ema, bf16=args.bf16,
+        bpd=args.bpd, bpd_images=args.bpd_images, batch_size=args.batch_size, seed=args.seed, strict=args.strict,
+        stats_dir=args.stats_dir, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    result = evaluate(cfg)
+    markdown = result.to_markdown()
+    for path, text in ((args.json, json.dumps(result.to_dict(), indent=2) + "\n"), (args.markdown, markdown)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    print(markdown + f"\nwrote {args.json} and {args.markdown}")
     return 0
 
 

@@ -46,8 +46,10 @@ def pick_device(device: str = "auto") -> torch.device:
 class SampleSettings:
     """How to sample: which sampler, how many steps, guidance."""
 
-    sampler: str = "ddim"  # "ddpm" | "ddim" | "dpm++2m"
-    steps: int | None = 50  # None = all training steps
+    # ancestral sampling is the default: on small, briefly trained models (the shipped ones) deterministic
+    # samplers (DDIM eta=0, DPM-Solver++) leave residual noise in some samples that ancestral steps wash out
+    sampler: str = "ddpm"  # "ddpm" | "ddim" | "dpm++2m"
+    steps: int | None = 100  # None = all training steps
     eta: float = 0.0  # DDIM only
     guidance: float = 1.0  # classifier-free guidance scale (class-conditional models)
     clip_denoised: bool = True

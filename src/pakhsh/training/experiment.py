@@ -35,7 +35,7 @@ class TrainConfig:
     save_every: int = 1000
     sample_every: int = 1000  # preview grid of EMA samples (0 = never)
     num_preview: int = 16
-    preview_steps: int = 50  # sampling steps of the preview grids (DDIM)
+    preview_steps: int = 100  # ancestral sampling steps of the preview grids
     keep_last: int = 3  # checkpoints kept on disk
     out_dir: str = "runs/experiment"
     device: str = "auto"  # "auto" lets accelerate choose (GPU when present)

@@ -84,9 +84,9 @@ class RunLog:
 
 @torch.no_grad()
 def save_preview(trainer: "Trainer", path: Path) -> Path:
-    """Sample `num_preview` images from the preview EMA with DDIM (fixed seed) and save them as a grid."""
+    """Sample `num_preview` images from the preview EMA with ancestral steps (fixed seed) and save them as a grid."""
     from ..nets.unet import UNet
-    from ..samplers import ddim_sample
+    from ..samplers import ancestral_sample
 
     cfg = trainer.cfg
     net = UNet(cfg.model).to(trainer.acc.device)
@@ -100,7 +100,7 @@ def save_preview(trainer: "Trainer", path: Path) -> Path:
     if cfg.model.num_classes is not None:
         cond["y"] = (torch.arange(n) % cfg.model.num_classes).to(trainer.acc.device)
     steps = min(cfg.train.preview_steps, trainer.diffusion.num_steps)
-    d = trainer.diffusion.respace(f"ddim{steps}")
+    d = trainer.diffusion.respace(str(steps))
     with trainer.acc.autocast():
-        x = ddim_sample(d, net, x_T, cond=cond, generator=g)
+        x = ancestral_sample(d, net, x_T, cond=cond, generator=g)
     return save_grid(x, path, scale=2)
