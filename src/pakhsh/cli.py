@@ -44,6 +44,12 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic thresholding percentile (e.g. 0.995) instead of clipping x0")
 
 
+def _add_edit_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--steps", type=int, default=0, help="respaced ancestral steps for decoding (0 = all, as the paper)")
+    p.add_argument("--out", "-o", default=default_out, help="PNG path (default: %(default)s)")
+    p.add_argument("--scale", type=int, default=4, help="integer upscaling of the PNG (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pakhsh", description="Train, sample, edit and evaluate diffusion models (DDPM / Improved DDPM).",
@@ -81,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixing weights in [0, 1] (default: 9 evenly spaced)")
     p.add_argument("--t", type=int, default=500, help="training step to mix at (default: %(default)s)")
     p.add_argument("--mixing", choices=["linear", "slerp"], default="linear", help="how to mix (default: linear)")
-    p.add_argument("--steps", type=int, default=0, help="respaced steps for decoding (0 = all, as the paper)")
-    p.add_argument("--out", "-o", default="interpolation.png")
-    p.add_argument("--scale", type=int, default=4)
+    _add_edit_output_args(p, "interpolation.png")
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("vary", help="variations of an image from an intermediate x_t (DDPM Fig. 9)")
@@ -91,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file, or data:INDEX for an image of the model's test split")
     p.add_argument("--t", type=int, default=750, help="training step to restart from (default: %(default)s)")
     p.add_argument("--count", type=int, default=8, help="number of variations (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=0, help="respaced steps for decoding (0 = all)")
-    p.add_argument("--out", "-o", default="variations.png")
-    p.add_argument("--scale", type=int, default=4)
+    _add_edit_output_args(p, "variations.png")
     p.set_defaults(func=cmd_vary)
 
     p = sub.add_parser("nll", help="bits/dim (full variational bound) on a dataset split")

@@ -122,14 +122,19 @@ def read_config(folder: Path) -> ExperimentConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a dict of tensors, with an error naming the file when it is missing."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    return load_file(str(path))
+
+
 def load_weights(model: nn.Module, path: Path, *, partial_params_only: bool = False) -> None:
     """Load a safetensors file into `model`, naming every missing, unexpected or mis-shaped key on mismatch.
 
     partial_params_only: the file holds parameters only (EMA files); buffers keep the model's values.
     """
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    state = load_file(str(path))
+    state = read_tensors(path)
     own = dict(model.named_parameters()) if partial_params_only else model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

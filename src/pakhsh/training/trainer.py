@@ -9,6 +9,7 @@ compute the same gradients as one process on the combined batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -24,13 +25,14 @@ from tqdm.auto import tqdm
 from ..data import build_dataset
 from ..diffusion import GaussianDiffusion, LossAwareSampler, make_timestep_sampler, training_losses
 from ..nets.unet import UNet
+from ..interop.config import to_dict
 from .checkpoint import (
-    CheckpointError,
     config_diff,
     latest_checkpoint,
     load_state,
     load_weights,
     read_config,
+    read_tensors,
     write_checkpoint,
 )
 from .ema import EMA, rate_name
@@ -130,7 +132,7 @@ class Trainer:
         self.log = RunLog(self.out, enabled=self.acc.is_main_process, tensorboard=True)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(_cfg_dict(cfg), indent=2, sort_keys=True) + "\n")
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
             self.log.truncate_after(self.step)
         self._stop_requested = False
 
@@ -156,7 +158,7 @@ class Trainer:
             raise TrainingError(f"--resume: the config differs from the checkpoint {ckpt}: " + "; ".join(diffs))
         load_weights(self.net, ckpt / "model.safetensors")
         for r in self.ema.rates:
-            self.ema.load_state_dict(r, _load_st(ckpt / f"{rate_name(r)}.safetensors"))
+            self.ema.load_state_dict(r, read_tensors(ckpt / f"{rate_name(r)}.safetensors"))
         opt.load_state_dict(load_state(ckpt, "optimizer.pt"))
         state = load_state(ckpt, "state.pt")
         self.step = int(state["step"])
@@ -214,7 +216,7 @@ class Trainer:
             pos = self.step * tc.grad_accum + micro
             batch = next(batches)
             sync = micro == tc.grad_accum - 1
-            ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
+            ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else contextlib.nullcontext()
             with ctx:
                 terms = self._micro_losses(batch, pos)
                 self.acc.backward(terms["loss"] / tc.grad_accum)
@@ -316,23 +318,3 @@ class Trainer:
             return None
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
-def _load_st(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    return load_file(str(path))
-
-
-def _cfg_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    from ..interop.config import to_dict
-
-    return to_dict(cfg)
