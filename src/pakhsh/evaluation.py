@@ -337,9 +337,9 @@ def _metrics(real_ds: Dataset, ref: Reference, fake: Any, extractor: FeatureExtr
              ) -> MetricReport:
     """Metrics of the fake set against the reference; the fake set is first matched to the reference's shape
     (a notice, or an error under strict) so that both take the same path into the extractor."""
-    from pakhsh.metrics.evaluate import _match_fake_to_real
+    from pakhsh.metrics.evaluate import match_fake_to_real
 
-    fake = _match_fake_to_real(real_ds, fake, cfg.strict)
+    fake = match_fake_to_real(real_ds, fake, cfg.strict)
     metrics: tuple[MetricName, ...] = tuple(cfg.metrics)  # type: ignore[assignment]
     return compute_metrics(ref.features, fake, extractor, metrics, batch_size=cfg.batch_size, strict=cfg.strict,
                            progress=cfg.progress, seed=cfg.seed)

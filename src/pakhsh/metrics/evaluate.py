@@ -106,7 +106,7 @@ def _first_shape(source: ImageSource) -> tuple[int, ...] | None:
     return None
 
 
-def _match_fake_to_real(real: ImageSource, fake: ImageSource, strict: bool) -> ImageSource:
+def match_fake_to_real(real: ImageSource, fake: ImageSource, strict: bool) -> ImageSource:
     """Make fake images the real set's (C, H, W) when they differ, so both take the same preprocessing path."""
     rs, fs = _first_shape(real), _first_shape(fake)
     if rs is None or fs is None or rs == fs:
@@ -186,7 +186,7 @@ def compute_metrics(
     warning (an error when `strict`). `options` go to `metrics_from_features` (kid_subsets, is_splits, pr_k, ...).
     """
     if not isinstance(real, Extracted) and not isinstance(fake, Extracted):
-        fake = _match_fake_to_real(real, fake, strict)
+        fake = match_fake_to_real(real, fake, strict)
     previous = extractor.strict
     extractor.strict = strict
     try:
