@@ -223,6 +223,11 @@ def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
     return [j.result() for j in jobs]
 
 
+def run_job_map(jobs: dict[Any, Job]) -> dict[Any, dict[str, Any]]:
+    """`run_jobs` over a dict of named jobs: the same keys, mapped to results."""
+    return dict(zip(jobs, run_jobs(list(jobs.values()))))
+
+
 def sample_job(ckpt: Path, sampler: str, steps: int, n: int, b: Budget = BUDGET, seed: int = 0) -> Job:
     """FID/KID/IS (fashion-net) of `n` samples of a checkpoint. steps = T means the full chain."""
     from pakhsh.evaluation import EvalConfig, evaluate

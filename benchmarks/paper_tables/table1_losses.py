@@ -31,8 +31,7 @@ def jobs() -> dict[tuple[str, str], c.Job]:
 
 
 def collect() -> dict[str, dict]:
-    todo = jobs()
-    results = dict(zip(todo, c.run_jobs(list(todo.values()))))
+    results = c.run_job_map(jobs())
     out: dict[str, dict] = {}
     for label, (run, _) in ROWS.items():
         folder = c.run_dir(run)

@@ -40,8 +40,7 @@ def jobs() -> dict[tuple[str, int], c.Job]:
 
 def collect() -> dict[str, dict[int, dict]]:
     """column -> steps -> metrics."""
-    todo = jobs()
-    results = dict(zip(todo, c.run_jobs(list(todo.values()))))
+    results = c.run_job_map(jobs())
     out: dict[str, dict[int, dict]] = {col: {} for col in COLUMNS}
     for (col, s), r in results.items():
         out[col][s] = r

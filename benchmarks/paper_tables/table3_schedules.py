@@ -27,8 +27,7 @@ def jobs() -> dict[tuple[str, str], c.Job]:
 
 
 def collect() -> dict[str, dict]:
-    todo = jobs()
-    results = dict(zip(todo, c.run_jobs(list(todo.values()))))
+    results = c.run_job_map(jobs())
     out: dict[str, dict] = {}
     for label, run in RUNS.items():
         samples = {k: r for (lab, k), r in results.items() if lab == label and k != "nll"}

@@ -34,8 +34,7 @@ def jobs() -> dict[tuple[str, str], c.Job]:
 
 
 def collect() -> list[dict]:
-    todo = jobs()
-    results = dict(zip(todo, c.run_jobs(list(todo.values()))))
+    results = c.run_job_map(jobs())
     rows = []
     for run, ckpt in points():
         cfg = c.run_config(run)

@@ -12,7 +12,7 @@ every spacing.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -61,7 +61,6 @@ class DiffusionConfig:
     variance: VarianceType = VarianceType.FIXED_SMALL
     loss: str = "simple"  # see pakhsh.diffusion.losses.LossType
     vlb_weight: float = 0.001  # lambda of L_hybrid (iDDPM sec. 3.1)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (never read by the maths)
 
 
 def _gather(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
