@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pakhsh.data import DataConfig, build_dataset
+from pakhsh.data.registry import native_channels
 from pakhsh.metrics import (
     ALL_METRICS,
     Extracted,
@@ -43,6 +44,10 @@ from pakhsh.metrics import (
 )
 
 FEATNETS = Path(__file__).resolve().parent / "assets" / "featnets"
+# reference statistics shipped with pakhsh (feature-net features of datasets that are not always installed)
+SHIPPED_STATS = Path(__file__).resolve().parent / "assets" / "stats"
+# split sizes of fixed datasets: the stats-cache key is known without reading the dataset
+_SPLIT_SIZES = {("fashion_mnist", "train"): 60_000, ("fashion_mnist", "test"): 10_000}
 FEATNET_FILE = "model.safetensors"
 
 
@@ -70,6 +75,7 @@ class EvalConfig:
     steps: int | None = 50  # sampling steps (None = all training steps)
     eta: float = 0.0  # DDIM only
     guidance: float = 1.0  # class-conditional models
+    threshold: float | None = None  # dynamic thresholding percentile (e.g. 0.995) instead of clipping x0
     ema: bool = True
     bf16: bool = False  # bf16 autocast while sampling
     bpd: bool = False  # also bits/dim of the checkpoint on the test split (full bound: T evaluations/batch)
@@ -189,31 +195,41 @@ def is_checkpoint(source: str) -> bool:
     return (p / "model.safetensors").is_file() or (p / "checkpoints").is_dir()
 
 
-def _native_format(folder: Path) -> tuple[int, int]:
-    """(channels, side) of the first readable image of a folder: the fake set is read at its own format so that
-    a mismatch with the reference is noticed (and converted or refused) rather than silently resized."""
-    from PIL import Image
+def image_folder(folder: str, strict: bool, limit: int | None, shape: tuple[int, int]) -> Dataset:
+    """The images of a folder (first `limit`), each read at the reference's (channels, size) = `shape`.
 
-    from pakhsh.data.image_folder import scan_images, verify_image
-
-    for path in scan_images(folder):
-        if verify_image(path) is None:
-            with Image.open(path) as im:
-                channels = 1 if im.mode in ("1", "L", "I;16", "I", "F") else 3
-                return channels, min(im.size)
-    raise ValueError(f"no readable images in {folder}")
-
-
-def image_folder(folder: str, strict: bool, limit: int | None) -> Dataset:
-    """The images of a folder at their own size and channels (first `limit`); corrupt files are named by path
-    and skipped with a warning, or raise under `strict`."""
+    Every file is converted on its own (mode, resize, centre crop), so one odd file cannot decide how the others are
+    read; files whose own format differs from `shape` are named in a warning (an error under `strict`). Corrupt
+    files are named and skipped with a warning, or raise under `strict`.
+    """
     from pakhsh.data import Truncated
     from pakhsh.data.image_folder import ImageFolderDataset
 
-    root = Path(folder)
-    channels, side = _native_format(root)
-    ds = ImageFolderDataset(root, side, channels=channels, strict=strict)
-    return Truncated(ds, limit) if limit is not None and limit < len(ds) else ds
+    channels, side = shape
+    ds = ImageFolderDataset(Path(folder), side, channels=channels, strict=strict)
+    n = min(len(ds), limit) if limit is not None else len(ds)
+    _notice_odd_files(ds, n, shape, strict)
+    return Truncated(ds, n) if n < len(ds) else ds
+
+
+def _notice_odd_files(ds: Any, n: int, shape: tuple[int, int], strict: bool) -> None:
+    """Name the files (among the first n) whose own (C, H, W) is not the reference's: they are converted."""
+    from pakhsh.data.image_folder import listing
+
+    ref = (shape[0], shape[1], shape[1])
+    odd: dict[tuple[int, int, int], list[str]] = {}
+    for path, head in zip(ds.paths[:n], ds.headers[:n]):
+        own = (head.channels, head.size[1], head.size[0])
+        if own != ref:
+            odd.setdefault(own, []).append(str(path.relative_to(ds.root)))
+    if not odd:
+        return
+    count = sum(len(v) for v in odd.values())
+    groups = "; ".join(f"{len(names)} at {own}: {listing(names, 3)}" for own, names in odd.items())
+    what = f"{ds.root}: {count} of {n} images are not the reference's {ref} ({groups})"
+    if strict:
+        raise ValueError(what + "; strict: convert them first, or leave out --strict to convert them")
+    warnings.warn(what + f"; each was converted to {ref}", stacklevel=3)
 
 
 def reference_dataset(data: DataConfig, num_real: int) -> Dataset:
@@ -234,6 +250,32 @@ class Reference:
     features: Extracted
     path: Path
     cached: bool
+    shape_probe: Any = None  # one reference image (1, C, H, W), or the dataset: what fake images are matched to
+
+
+def reference(cache: StatsCache, data: DataConfig, ext_id: str, extractor: FeatureExtractor, cfg: EvalConfig
+              ) -> Reference:
+    """The reference features of `data`: from the cache or the shipped statistics when the key is known without
+    reading the dataset (so `pakhsh eval fashion_mnist` works where the dataset is not installed), else extracted."""
+    n = _known_count(data, cfg.num_real)
+    if n is not None:
+        key = StatsKey(data.name, data.split, ext_id, data.image_size, n)
+        feats = cache.load_features(key)
+        if feats is not None:
+            probe = torch.zeros(1, data.channels or native_channels(data.name), data.image_size, data.image_size)
+            return Reference(Extracted(torch.from_numpy(np.asarray(feats)), None), cache.path(key), True, probe)
+    real_ds = reference_dataset(data, cfg.num_real)
+    key = StatsKey(data.name, data.split, ext_id, data.image_size, len(real_ds))
+    ref = reference_features(cache, key, real_ds, extractor, cfg.batch_size, cfg.progress)
+    return replace(ref, shape_probe=real_ds)
+
+
+def _known_count(data: DataConfig, num_real: int) -> int | None:
+    """How many reference images `reference_dataset` would give, where that is known without building it."""
+    if data.name == "shapes":
+        return num_real
+    size = _SPLIT_SIZES.get((data.name, data.split))
+    return None if size is None else min(size, num_real)
 
 
 def reference_features(
@@ -269,7 +311,7 @@ def _sample(pipe: Any, cfg: EvalConfig) -> torch.Tensor:
     """cfg.num_samples images (N, C, H, W) in [-1, 1] from the checkpoint."""
     from pakhsh.pipelines import SampleSettings
 
-    settings = SampleSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance)
+    settings = SampleSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, threshold=cfg.threshold)
     return pipe.generate(cfg.num_samples, settings, seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
 
 
@@ -280,6 +322,8 @@ def _sampling_info(pipe: Any, cfg: EvalConfig) -> dict[str, Any]:
         info["eta"] = cfg.eta
     if cfg.guidance != 1.0:
         info["guidance"] = cfg.guidance
+    if cfg.threshold is not None:
+        info["threshold"] = cfg.threshold
     return info
 
 
@@ -309,6 +353,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     device = pick_device(cfg.device)
     pipe = ImagePipeline.from_pretrained(cfg.source, ema=cfg.ema, device=str(device), bf16=cfg.bf16) \
         if checkpoint else None
+    if pipe is not None:
+        pipe.check_steps(cfg.steps)  # before any reference features are computed
     dataset = cfg.dataset or (pipe.config.data.name if pipe is not None else None)
     if dataset is None:
         raise ValueError("evaluating a folder of images needs --dataset (the reference, e.g. fashion_mnist)")
@@ -316,12 +362,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     data = _reference_config(cfg, dataset, pipe, extractor)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        real_ds = reference_dataset(data, cfg.num_real)
-        key = StatsKey(data.name, data.split, ext_id, data.image_size, len(real_ds))
+        # a folder is scanned first: its odd or corrupt files fail a strict run before minutes of reference work
+        folder = None if pipe is not None else image_folder(cfg.source, cfg.strict, cfg.num_samples, _format(data))
         stats_dir = Path(cfg.stats_dir).expanduser() if cfg.stats_dir else default_stats_dir()
-        ref = reference_features(StatsCache(stats_dir), key, real_ds, extractor, cfg.batch_size, cfg.progress)
-        fake = _sample(pipe, cfg) if pipe is not None else image_folder(cfg.source, cfg.strict, cfg.num_samples)
-        report = _metrics(real_ds, ref, fake, extractor, cfg)
+        ref = reference(StatsCache(stats_dir, shipped=[SHIPPED_STATS]), data, ext_id, extractor, cfg)
+        fake = _sample(pipe, cfg) if pipe is not None else folder
+        report = _metrics(ref.shape_probe, ref, fake, extractor, cfg)
     notices = _replay(caught)
     bpd, bpd_n = _bpd(pipe, cfg) if cfg.bpd and pipe is not None else (None, None)
     source = str(pipe.loaded.path) if pipe is not None else str(Path(cfg.source))
@@ -331,6 +377,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         stats_path=str(ref.path), stats_cached=ref.cached, sampling=_sampling_info(pipe, cfg) if pipe else None,
         bpd=bpd, bpd_images=bpd_n, seconds=time.perf_counter() - start, notices=notices,
     )  # fmt: skip
+
+
+def _format(data: DataConfig) -> tuple[int, int]:
+    """(channels, size) of the reference images: what every image of a folder is read as."""
+    return data.channels or native_channels(data.name), data.image_size
 
 
 def _metrics(real_ds: Dataset, ref: Reference, fake: Any, extractor: FeatureExtractor, cfg: EvalConfig

@@ -18,13 +18,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:only .* samples", "ignore:KID su
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    ds = build_dataset(DataConfig(name="fashion_mnist", image_size=32, split="test", length=16))
+    ds = build_dataset(DataConfig(name="shapes", image_size=32, split="test", length=16))
     save_images(torch.stack([ds[i]["image"] for i in range(16)]), tmp_path / "imgs")
     return tmp_path / "imgs"
 
 
 def eval_args(source: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["eval", str(source), "--dataset", "fashion_mnist", "--split", "test", "--num-real", "40",
+    return ["eval", str(source), "--dataset", "shapes", "--split", "test", "--num-real", "40",
             "--stats-dir", str(tmp_path / "stats"), "--json", str(tmp_path / "out" / "eval.json"),
             "--markdown", str(tmp_path / "out" / "eval.md"), "--device", "cpu", "-q", *extra]
 
@@ -32,12 +32,12 @@ def eval_args(source: Path, tmp_path: Path, *extra: str) -> list[str]:
 def test_eval_folder_writes_json_and_markdown_and_reuses_stats(folder, tmp_path, capsys):
     assert main(eval_args(folder, tmp_path)) == 0
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert report["labels"]["fid"] == "FID[fashion-net]-16"
+    assert report["labels"]["fid"] == "FID[shapes-net]-16"
     assert report["report"]["n_real"] == 40 and report["report"]["fid"] >= 0
-    assert report["stats_cached"] is False and report["extractor"] == "fashion-net"
+    assert report["stats_cached"] is False and report["extractor"] == "shapes-net"
     md = (tmp_path / "out" / "eval.md").read_text()
-    assert "| FID[fashion-net]-16 |" in md and "| IS[fashion-net]-16 |" in md and "fashion_mnist test" in md
-    assert "FID[fashion-net]-16" in capsys.readouterr().out
+    assert "| FID[shapes-net]-16 |" in md and "| IS[shapes-net]-16 |" in md and "shapes test" in md
+    assert "FID[shapes-net]-16" in capsys.readouterr().out
     stats = Path(report["stats_path"])
     stamp = stats.stat().st_mtime_ns
     assert main(eval_args(folder, tmp_path, "--metrics", "fid")) == 0
@@ -48,14 +48,14 @@ def test_eval_folder_writes_json_and_markdown_and_reuses_stats(folder, tmp_path,
 
 
 def test_eval_size_mismatch_notice_and_strict_error(tmp_path, capsys):
-    ds = build_dataset(DataConfig(name="fashion_mnist", image_size=28, split="test", length=12))
+    ds = build_dataset(DataConfig(name="shapes", image_size=28, split="test", length=12))
     save_images(torch.stack([ds[i]["image"] for i in range(12)]), tmp_path / "small")
     with pytest.warns(UserWarning, match="converted"):
         assert main(eval_args(tmp_path / "small", tmp_path, "--metrics", "fid")) == 0
-    assert "converted to (1, 32, 32)" in (tmp_path / "out" / "eval.md").read_text()
+    assert "converted to (3, 32, 32)" in (tmp_path / "out" / "eval.md").read_text()
     assert main(eval_args(tmp_path / "small", tmp_path, "--metrics", "fid", "--strict")) == 2
     err = capsys.readouterr().err
-    assert "(1, 28, 28)" in err and "strict" in err
+    assert "(3, 28, 28)" in err and "strict" in err
 
 
 TINY = {

@@ -76,6 +76,13 @@ _BUILDERS: dict[str, Callable[[DataConfig, int], ImageDataset]] = {
 }
 
 
+def native_channels(name: str) -> int:
+    """The channels a built-in dataset has when data.channels is not set (1 for grey datasets, else 3)."""
+    if name not in _NATIVE_CHANNELS:
+        raise ValueError(f"unknown dataset name {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return _NATIVE_CHANNELS[name]
+
+
 def build_dataset(cfg: DataConfig) -> ImageDataset:
     """The dataset `cfg` names. Builders import lazily, so sklearn/skimage load only when needed."""
     if cfg.name not in _BUILDERS:

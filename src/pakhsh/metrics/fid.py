@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Union
 
@@ -193,11 +194,19 @@ class StatsKey(NamedTuple):
 class StatsCache:
     """Reference Stats (and optionally features, for KID / precision-recall) as .npz files in one folder."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, shipped: Sequence[str | Path] = ()) -> None:
         self.directory = Path(directory)
+        self.shipped = [Path(d) for d in shipped]  # read-only folders tried after `directory` (package data)
 
     def path(self, key: StatsKey) -> Path:
-        return self.directory / key.filename()
+        """Where `key` is read from: the cache folder, else the first shipped folder holding it."""
+        own = self.directory / key.filename()
+        if own.is_file():
+            return own
+        for folder in self.shipped:
+            if (folder / key.filename()).is_file():
+                return folder / key.filename()
+        return own
 
     def load(self, key: StatsKey) -> Stats | None:
         """Cached Stats for `key`, or None when there are none."""
@@ -215,7 +224,7 @@ class StatsCache:
         arrays = {"mu": stats.mu, "sigma": stats.sigma, "n": np.int64(stats.n), "key": np.array(list(map(str, key)))}
         if features is not None:
             arrays["features"] = as_float64(features)
-        path = self.path(key)
+        path = self.directory / key.filename()
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -234,8 +243,13 @@ class StatsCache:
         path = self.path(key)
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or foreign: a cache miss
+            warnings.warn(f"reference statistics {path} are unreadable ({type(e).__name__}: {e}); recomputing them",
+                          stacklevel=3)
+            return None
         stored = tuple(str(v) for v in data.get("key", ()))
         if stored != tuple(map(str, key)):
             raise ValueError(f"{path} holds statistics for {stored}, not {tuple(key)}")
