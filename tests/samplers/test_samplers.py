@@ -40,6 +40,8 @@ def _x0(gen, shape=(2, 3, 4, 4)):
         ("ddim", "ddim10", {"eta": 1.0}),
         ("dpm++2m", "10", {}),
         ("dpm++2m", "25", {}),
+        ("sde-dpm++2m", "10", {}),
+        ("sde-dpm++2m", "25", {}),
     ],
 )
 @pytest.mark.parametrize("output", ["eps", "x0", "v"])

@@ -57,18 +57,31 @@ def calc_bpd(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> BpdTerms:
-    """Every term of the bound for a batch x_0 (B, C, H, W) in [-1, 1] (8-bit data): T network evaluations."""
+    """Every term of the bound for a batch x_0 (B, C, H, W) in [-1, 1] (8-bit data): T network evaluations.
+
+    The network runs in x_0's dtype; the bound itself (posteriors, KLs, decoder NLL, MSEs, sums) is evaluated in
+    float64 from that same x_t and network output, and every returned tensor is float64: the T terms are small
+    differences of O(1) quantities summed T times, which float32 would round away.
+    """
     b, steps = x0.shape[0], diffusion.num_steps
-    vb, x0_mse, eps_mse = (torch.zeros(b, steps, device=x0.device) for _ in range(3))
+    vb, x0_mse, eps_mse = (torch.zeros(b, steps, device=x0.device, dtype=torch.float64) for _ in range(3))
+    x0_64 = x0.double()
     for i in tqdm(range(steps - 1, -1, -1), disable=not progress, desc="bpd", leave=False):
         t = torch.full((b,), i, device=x0.device, dtype=torch.long)
+        # 1. x_t ~ q(x_t | x_0) in the network's dtype, and its network output
         noise = randn_like(x0, generator)
         x_t = diffusion.q_sample(x0, t, noise)
-        term, pred_x0 = vb_term_bpd(diffusion, model, x0, x_t, t, cond=cond, clip_denoised=clip_denoised)
-        vb[:, i] = term.float()
-        x0_mse[:, i] = mean_flat((pred_x0 - x0) ** 2).float()
-        eps_mse[:, i] = mean_flat((diffusion.eps_from_x0(x_t, t, pred_x0) - noise) ** 2).float()
-    prior = prior_bpd(diffusion, x0).float()
+        out = diffusion.call_model(model, x_t, t, cond)
+        # 2. L_t (DDPM eq. 5) in float64 from exactly that x_t and output
+        x_t64, noise64 = x_t.double(), noise.double()
+        term, pred_x0 = vb_term_bpd(
+            diffusion, model, x0_64, x_t64, t, cond=cond, clip_denoised=clip_denoised, model_output=out.double()
+        )
+        vb[:, i] = term
+        x0_mse[:, i] = mean_flat((pred_x0 - x0_64) ** 2)
+        eps_mse[:, i] = mean_flat((diffusion.eps_from_x0(x_t64, t, pred_x0) - noise64) ** 2)
+    # 3. L_T, and the total  L_T + sum_t L_t
+    prior = prior_bpd(diffusion, x0_64)
     return BpdTerms(vb.sum(dim=1) + prior, prior, vb, x0_mse, eps_mse)
 
 

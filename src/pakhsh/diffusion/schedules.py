@@ -106,19 +106,37 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]) -> list[
 
 
 def _sectioned(num_steps: int, counts: list[int]) -> list[int]:
-    """Split [0, T) into len(counts) near-equal sections and take counts[i] evenly spaced steps from each."""
-    size, extra = divmod(num_steps, len(counts))
+    """Split [0, T) into len(counts) near-equal sections and take counts[i] evenly spaced steps from each.
+
+    Exactly improved-diffusion's respace.space_timesteps (Nichol & Dhariwal 2021), so a spacing string picks the
+    same steps as the published checkpoints were evaluated with:
+      1. sections of T // k steps, the first T % k of them one step longer;
+      2. in a section of `length` steps, the fractional stride (length - 1) / (count - 1) keeps both its ends;
+      3. the position is a running float sum of that stride, rounded (half to even) at each step. Rounding
+         j * stride instead differs in the last bit for some j, which moves a step whenever the exact value
+         is a half (e.g. "21" at T = 1000, stride 49.95), so the sum is accumulated as improved-diffusion does.
+    """
+    size, extra = divmod(num_steps, len(counts))  # 1.
     kept: list[int] = []
     start = 0
     for i, count in enumerate(counts):
         length = size + (1 if i < extra else 0)
         if count > length:
             raise ValueError(f"cannot take {count} steps from a section of {length} steps (T = {num_steps})")
-        # stride chosen so the first and last step of the section are both kept
-        stride = 1.0 if count <= 1 else (length - 1) / (count - 1)
-        kept.extend(start + round(j * stride) for j in range(count))
+        kept.extend(start + offset for offset in _section_offsets(length, count))
         start += length
     return sorted(set(kept))
+
+
+def _section_offsets(length: int, count: int) -> list[int]:
+    """Offsets of `count` evenly spaced steps within a section of `length` steps (steps 2 and 3 above)."""
+    stride = 1.0 if count <= 1 else (length - 1) / (count - 1)  # 2.
+    offsets: list[int] = []
+    position = 0.0
+    for _ in range(count):
+        offsets.append(round(position))  # 3. Python's round: half to even, as improved-diffusion
+        position += stride
+    return offsets
 
 
 def respace_betas(alphas_cumprod: np.ndarray, kept: Sequence[int]) -> np.ndarray:

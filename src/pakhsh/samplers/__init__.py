@@ -15,7 +15,7 @@ from ..diffusion.gaussian import GaussianDiffusion, ModelFn
 from .ancestral import ancestral_sample
 from .common import Callback, SamplerStep
 from .ddim import ddim_invert, ddim_sample
-from .dpm_solver import dpm_solver_pp_2m
+from .dpm_solver import dpm_solver_pp_2m, sde_dpm_solver_pp_2m
 from .editing import interpolate, slerp, vary
 from .guidance import ClassifierFreeGuidance
 
@@ -23,17 +23,23 @@ SamplerName = Literal[
     "ddpm",  # ancestral sampling, any spacing (DDPM Algorithm 2)
     "ddim",  # DDIM, eta in [0, 1] (eta = 0 deterministic)
     "dpm++2m",  # DPM-Solver++(2M), good at 10-25 steps
+    "sde-dpm++2m",  # SDE-DPM-Solver++(2M): stochastic 2M, fresh noise each step; wants a few more steps than dpm++2m
 ]
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ancestral_sample,
     "ddim": ddim_sample,
     "dpm++2m": dpm_solver_pp_2m,
+    "sde-dpm++2m": sde_dpm_solver_pp_2m,
 }
 
 
 def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> str | None:
-    """The respacing string for `steps` sampling steps (None = all training steps)."""
+    """The respacing string for `steps` sampling steps (None = all training steps).
+
+    DDIM takes the paper's integer-stride "ddimN" spacing (it starts at t = 0); every other sampler (ddpm and the
+    DPM-Solver++ family, ODE or SDE) takes "N", evenly strided over [0, T) with both ends kept.
+    """
     if steps is None or steps >= num_train_steps:
         return None
     return f"ddim{steps}" if sampler == "ddim" else str(steps)
@@ -70,6 +76,7 @@ __all__ = [
     "dpm_solver_pp_2m",
     "interpolate",
     "sample",
+    "sde_dpm_solver_pp_2m",
     "slerp",
     "vary",
 ]

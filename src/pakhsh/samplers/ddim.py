@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..diffusion.gaussian import GaussianDiffusion, ModelFn, _gather, randn_like
 from .common import Callback, SamplerStep, batch_t, check_start, step_indices
@@ -61,23 +62,25 @@ def ddim_invert(
 ) -> torch.Tensor:
     """Deterministic DDIM inversion x_0 -> x_T (eta = 0 run backwards, eq. 13 as an ODE).
 
-    Each step moves from chain step i-1 to i re-using the eps predicted at i-1 (the clean image stands in for
-    step 0 at the first move). With a perfect eps model, `ddim_sample` of the result gives x_0 back exactly.
-    `end_step` stops at that chain step (default T - 1) so sampling can restart there with `start_step`.
+    The clean image stands in for the state at chain step 0; each move then goes from step i-1 to i re-using
+    the eps predicted at i-1. A move to step 0 itself would be the identity (x = sqrt(abar) x0_hat +
+    sqrt(1 - abar) eps_hat holds by construction of x0_hat and eps_hat at that step, clipped or not), so it is
+    skipped: inverting to step `end_step` costs exactly `end_step` network calls. With a perfect eps model,
+    `ddim_sample` of the result gives x_0 back exactly. `end_step` stops at that chain step (default T - 1) so
+    sampling can restart there with `start_step`. The callback sees one SamplerStep per move (index from 0,
+    t = the step reached).
     """
     check_start(x0)
     end = diffusion.num_steps - 1 if end_step is None else int(end_step)
     if not 0 <= end < diffusion.num_steps:
         raise ValueError(f"end_step must be in [0, {diffusion.num_steps}), got {end_step}")
-    x = x0
-    from tqdm.auto import tqdm
-
-    for i in tqdm(range(end + 1), disable=not progress, desc="ddim-invert", leave=False):
-        t_prev = batch_t(max(i - 1, 0), x)
-        out = diffusion.p_mean_variance(model, x, t_prev, cond=cond, clip_denoised=clip_denoised)
+    x = x0.clone()  # a fresh tensor even when end = 0, so callers may edit the result in place
+    for n, i in enumerate(tqdm(range(1, end + 1), disable=not progress, desc="ddim-invert", leave=False)):
+        # 1. x0_hat, eps_hat from the network at the step we stand on (i - 1)
+        out = diffusion.p_mean_variance(model, x, batch_t(i - 1, x), cond=cond, clip_denoised=clip_denoised)
         abar_next = _gather(diffusion.alphas_cumprod, batch_t(i, x), x)
-        # x_{t_i} = sqrt(abar_i) x0_hat + sqrt(1 - abar_i) eps_hat   (eq. 12 with sigma = 0, solved forward)
+        # 2. x_{t_i} = sqrt(abar_i) x0_hat + sqrt(1 - abar_i) eps_hat   (eq. 12 with sigma = 0, solved forward)
         x = abar_next.sqrt() * out.pred_x0 + torch.sqrt(1 - abar_next) * out.pred_eps
         if callback is not None:
-            callback(SamplerStep(i, i, x, out.pred_x0))
+            callback(SamplerStep(n, i, x, out.pred_x0))
     return x
