@@ -225,8 +225,9 @@ def _notice_odd_files(ds: Any, n: int, shape: tuple[int, int], strict: bool) -> 
     if not odd:
         return
     count = sum(len(v) for v in odd.values())
-    groups = "; ".join(f"{len(names)} at {own}: {listing(names, 3)}" for own, names in odd.items())
-    what = f"{ds.root}: {count} of {n} images are not the reference's {ref} ({groups})"
+    groups = "; ".join(f"{names[0]} is {own}" if len(names) == 1 else f"{len(names)} are {own} ({listing(names, 3)})"
+                       for own, names in odd.items())
+    what = f"{ds.root}: {count} of {n} images differ from the reference's (C, H, W) = {ref}: {groups}"
     if strict:
         raise ValueError(what + "; strict: convert them first, or leave out --strict to convert them")
     warnings.warn(what + f"; each was converted to {ref}", stacklevel=3)

@@ -7,6 +7,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -19,10 +20,83 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_TAIL_BYTES = 64 * 1024  # some encoders/cameras append padding or metadata after the end marker
 _LOAD_RETRIES = 16  # consecutive unreadable files tolerated before giving up on a __getitem__
+# Images over this many pixels are refused before decoding: 64 MP of RGB is ~200 MB, and conversions and the
+# resize multiply that, while PIL's own bomb check only starts at ~89 MP (warning) and ~179 MP (error).
+MAX_PIXELS = 64_000_000
+_JPEG_MAX_REDUCTION = 64  # JPEG DCT scaling (Image.draft) decodes at down to 1/8 per side
+# Shorter side below this fraction of the target size: the upscaled result is mostly blur, so say so.
+SMALL_IMAGE_FRACTION = 0.5
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_LISTED = 5  # files named in a notice before "... and N more"
 
 
 class CorruptImageError(ValueError):
     """An image file that cannot be read or decoded; the message names the file."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image with more pixels than pakhsh decodes (MAX_PIXELS); the message names the file and its size."""
+
+
+class ImageHeader(NamedTuple):
+    """What the header of an image file says, read without decoding pixels; `problem` is None for a good file."""
+
+    size: tuple[int, int] | None  # (width, height)
+    mode: str | None
+    problem: str | None
+
+    @property
+    def channels(self) -> int | None:
+        """1 for grey modes (16-bit included), else 3: what the file holds, not what it will be read as."""
+        return None if self.mode is None else 1 if self.mode in _GREY_MODES else 3
+
+
+def _megapixels(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} MP)"
+
+
+def too_large_message(path: Path, size: tuple[int, int]) -> str:
+    limit = f"{MAX_PIXELS / 1e6:.0f} MP"
+    return f"image {path} is {_megapixels(size)}, over the {limit} pakhsh decodes; downscale it first"
+
+
+def _bomb_message(path: Path, error: Exception) -> str:
+    """PIL refused the file at open time (its size is in PIL's message)."""
+    return f"image {path} is too large to decode safely ({error}); downscale it first"
+
+
+def open_image(path: str | os.PathLike, size: int | None = None) -> Image.Image:
+    """Decode one image file, refusing decompression bombs before any pixel is decoded.
+
+    A JPEG over MAX_PIXELS is decoded at a reduced scale (DCT scaling, never below `size` per side) when `size` is
+    given; anything still over the limit raises ImageTooLargeError naming the file and its size.
+    """
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from ~89 MP; our own limit is lower and its message names the file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(_bomb_message(p, e)) from None
+    with im:
+        if im.width * im.height > MAX_PIXELS and size and im.format == "JPEG":
+            im.draft(im.mode, (size, size))  # changes the decode scale only: no pixels are read yet
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageTooLargeError(too_large_message(p, im.size))
+        im.load()
+        return im
+
+
+def is_small(size: tuple[int, int], target: int) -> bool:
+    """Whether an image of `size` would be upscaled a lot (shorter side < SMALL_IMAGE_FRACTION of `target`)."""
+    return min(size) < SMALL_IMAGE_FRACTION * target
+
+
+def listing(names: list[str], limit: int = _LISTED) -> str:
+    """'a, b, c' or 'a, b, c, ... and 7 more': notices name files without flooding the terminal."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def scan_images(root: Path) -> list[Path]:
@@ -56,29 +130,43 @@ def _jpeg_truncated(path: Path) -> bool:
     return _JPEG_EOI not in tail
 
 
-def verify_image(path: Path) -> str | None:
-    """Cheap integrity check without decoding pixels: None if fine, else the reason.
+def inspect_image(path: Path) -> ImageHeader:
+    """Cheap integrity check without decoding pixels: the header's size and mode, and the problem if any.
 
     PIL's verify() walks the PNG chunk CRCs; for JPEG we check the end marker; other formats get a header
-    check only, and the load-time guard in `ImageFolderDataset` catches the rest.
+    check only, and the load-time guard in `ImageFolderDataset` catches the rest. Images too large to decode
+    (see MAX_PIXELS; JPEGs may be 64x larger, they decode at reduced scale) are a problem too.
     """
     try:
         with Image.open(path) as im:
-            fmt = im.format
+            fmt, size, mode = im.format, im.size, im.mode
             im.verify()
-        if fmt == "JPEG" and _jpeg_truncated(path):
-            return "truncated JPEG (no end-of-image marker)"
+    except Image.DecompressionBombError as e:
+        return ImageHeader(None, None, f"too large to decode safely ({e})")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
-        return f"{type(e).__name__}: {e}"
-    return None
+        return ImageHeader(None, None, f"{type(e).__name__}: {e}")
+    limit = MAX_PIXELS * (_JPEG_MAX_REDUCTION if fmt == "JPEG" else 1)
+    if size[0] * size[1] > limit:
+        return ImageHeader(size, mode, f"{_megapixels(size)}: too large to decode (limit {MAX_PIXELS / 1e6:.0f} MP)")
+    try:
+        if fmt == "JPEG" and _jpeg_truncated(path):
+            return ImageHeader(size, mode, "truncated JPEG (no end-of-image marker)")
+    except OSError as e:
+        return ImageHeader(size, mode, f"{type(e).__name__}: {e}")
+    return ImageHeader(size, mode, None)
 
 
-def _verify_all(paths: list[Path], workers: int) -> list[str | None]:
-    """verify_image over many files; threads overlap file I/O (large folders, network disks)."""
+def verify_image(path: Path) -> str | None:
+    """`inspect_image`'s problem: None if the file looks fine, else the reason."""
+    return inspect_image(path).problem
+
+
+def _inspect_all(paths: list[Path], workers: int) -> list[ImageHeader]:
+    """inspect_image over many files; threads overlap file I/O (large folders, network disks)."""
     if len(paths) < 64 or workers <= 1:
-        return [verify_image(p) for p in paths]
+        return [inspect_image(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(verify_image, paths, chunksize=32))
+        return list(pool.map(inspect_image, paths, chunksize=32))
 
 
 def _class_names(root: Path, paths: list[Path]) -> list[str] | None:
@@ -106,6 +194,10 @@ class ImageFolderDataset(ImageDataset):
     check but fails to decode later is handled the same way at load time: strict raises, otherwise it is
     warned about, appended to `.skipped` (in that worker process) and the next file is returned instead.
 
+    Images much smaller than `size` (see SMALL_IMAGE_FRACTION) are named in a warning: they are upscaled to
+    blur. Images over MAX_PIXELS count as unreadable (large JPEGs are decoded at reduced scale instead).
+    `headers` holds each kept file's ImageHeader (size, mode) when verified, else is empty.
+
     Sample keys: "image" (C, size, size) in [-1, 1], "label" (when labelled), "path" (str).
     """
 
@@ -127,7 +219,9 @@ class ImageFolderDataset(ImageDataset):
         if not self.root.exists():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"not a folder: {self.root}")
+            raise NotADirectoryError(
+                f"{self.root} is a file, not a folder: the image-folder dataset (data.path) takes a folder of images"
+            )
         self.image_size = size
         self.channels = check_channels(channels)
         self.transform = ImageTransform(size=size, channels=channels, crop=crop, random_flip=random_flip)
@@ -143,13 +237,16 @@ class ImageFolderDataset(ImageDataset):
         self.class_names = _class_names(self.root, paths)
         self.num_classes = len(self.class_names) if self.class_names is not None else None
         self.skipped: list[str] = []
+        self.headers: list[ImageHeader] = []
         self.paths = self._drop_corrupt(paths, verify_workers) if verify else paths
+        self._notice_small()
         if not self.paths:
             raise ValueError(f"no readable images in {self.root}: all {len(paths)} files are corrupt")
         self._class_index = {c: i for i, c in enumerate(self.class_names or [])}
 
     def _drop_corrupt(self, paths: list[Path], workers: int) -> list[Path]:
-        reasons = _verify_all(paths, workers)
+        headers = _inspect_all(paths, workers)
+        reasons = [h.problem for h in headers]
         bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
         if bad and self.strict:
             p, r = bad[0]
@@ -162,7 +259,18 @@ class ImageFolderDataset(ImageDataset):
             more = f"; ... and {len(bad) - 5} more (see .skipped)" if len(bad) > 5 else ""
             warnings.warn(f"{self.root}: skipped {len(bad)} corrupt image file(s): {listed}{more}", stacklevel=3)
         self.skipped = [str(p) for p, _ in bad]
+        self.headers = [h for h in headers if h.problem is None]
         return [p for p, r in zip(paths, reasons) if r is None]
+
+    def _notice_small(self) -> None:
+        """Warn once, naming them, about images that will be upscaled far beyond their own size."""
+        small = [f"{p.relative_to(self.root)} ({h.size[0]}x{h.size[1]})"
+                 for p, h in zip(self.paths, self.headers) if h.size is not None and is_small(h.size, self.image_size)]
+        if small:
+            warnings.warn(
+                f"{self.root}: {len(small)} image(s) smaller than half of {self.image_size}x{self.image_size} "
+                f"will be upscaled (blurry): {listing(small)}", stacklevel=3,
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -175,9 +283,9 @@ class ImageFolderDataset(ImageDataset):
 
     def _decode(self, path: Path) -> Image.Image:
         try:
-            with Image.open(path) as im:
-                im.load()
-                return im
+            return open_image(path, self.image_size)
+        except ImageTooLargeError:
+            raise
         except Exception as e:  # truncated data, bad Huffman tables, ... only show up when decoding
             raise CorruptImageError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +61,28 @@ def save_images(x: torch.Tensor, folder: str | Path, prefix: str = "", start: in
 
 
 def load_image(path: str | Path, size: int | None = None, channels: int = 3) -> torch.Tensor:
-    """Read one image file -> (1, C, H, W) in [-1, 1], resized (shorter side) and centre-cropped to `size`."""
+    """Read one image file -> (1, C, H, W) in [-1, 1], resized (shorter side) and centre-cropped to `size`.
+
+    Refuses images too large to decode safely (see `pakhsh.data.image_folder.MAX_PIXELS`), and warns, naming the
+    file, when the image is so much smaller than `size` that the upscaled input is mostly blur.
+    """
+    from ..data.image_folder import CorruptImageError, is_small, open_image
     from ..data.transforms import ImageTransform  # data owns mode conversion (16-bit, CMYK, palette, alpha)
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
+        raise FileNotFoundError(f"image not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
     try:
-        with Image.open(p) as img:
-            img.load()
-            tf = ImageTransform(size=size, channels=channels) if size else ImageTransform(size=min(img.size), channels=channels)
-            return tf(img).unsqueeze(0)
-    except (OSError, ValueError) as e:
+        img = open_image(p, size)
+    except CorruptImageError:
+        raise  # names the file and its size already
+    except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's word for some malformed headers
+        raise ValueError(f"cannot read image {p}: {e}") from None
+    if size and is_small(img.size, size):
+        warnings.warn(f"{p} is {img.width}x{img.height}: upscaled to {size}x{size} for this model, so it is mostly "
+                      f"blur; use an image of at least {size}x{size}", stacklevel=2)
+    side = size or min(img.size)
+    try:
+        return ImageTransform(size=side, channels=channels)(img).unsqueeze(0)
+    except ValueError as e:
         raise ValueError(f"cannot read image {p}: {e}") from None

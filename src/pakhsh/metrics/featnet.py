@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pakhsh.interop.config import ConfigError, load_json, save_json
-from pakhsh.metrics.weights import WeightsMismatchError, WeightsNotFoundError, load_strict
+from pakhsh.metrics.weights import WeightsMismatchError, WeightsNotFoundError, load_strict, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -247,8 +247,6 @@ def save_feature_net(model: FeatureNet, directory: str | Path, metrics: FeatureN
 
 def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
     """Read a FeatureNet saved by `save_feature_net`; strict on config keys, weight keys and shapes."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / name).is_file():
@@ -261,6 +259,6 @@ def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") 
     except ConfigError as e:
         raise WeightsMismatchError(f"{d / CONFIG_NAME}: {e}") from None
     model = FeatureNet(cfg)
-    load_strict(model, load_file(str(d / WEIGHTS_NAME), device="cpu"), d / WEIGHTS_NAME)
+    load_strict(model, read_safetensors(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
     model.eval().requires_grad_(False)
     return model.to(device)

@@ -54,16 +54,36 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict from .safetensors or a torch file (tensors only: no code is unpickled)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code; say so instead of a raw unpickling trace
-        raise WeightsMismatchError(f"{path}: not a plain tensor state dict readable with weights_only=True ({e})")
+    except Exception as e:  # truncated zip, random bytes, pickled code: one line naming the file, not a raw trace
+        raise WeightsMismatchError(
+            f"{path}: cannot read it as a tensor state dict ({_first_line(e)}); it may be truncated or corrupt "
+            "(copy it again), or hold pickled objects other than tensors (only weights_only=True files load)"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsMismatchError(f"{path}: expected a mapping of name -> tensor, got {type(state).__name__}")
     return dict(state)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file; a truncated or corrupt file raises WeightsMismatchError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError is no OSError/ValueError: it would escape as a traceback
+        raise WeightsMismatchError(
+            f"{path}: not a readable .safetensors file ({_first_line(e)}); it is probably truncated or corrupt: "
+            "copy it again"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error message (torch's are paragraphs)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:

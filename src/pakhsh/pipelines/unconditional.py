@@ -36,10 +36,31 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     )
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+def pick_device(device: str | torch.device = "auto", name: str = "device") -> torch.device:
+    """The one place device strings are resolved: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N",
+    "mps", ... A device this PyTorch build or machine lacks raises ValueError with advice here, instead of an
+    AssertionError deep inside `.to()`. `name` is how messages refer to the setting (the CLI passes "--device")."""
+    spec = str(device).strip()
+    if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        _check_cuda(dev, name)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {spec}: MPS is not available here; use {name} cpu or auto")
+    return dev
+
+
+def _check_cuda(dev: torch.device, name: str) -> None:
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{name} {dev}: {why} (torch.cuda.is_available() is False); use {name} cpu or auto")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{name} {dev}: there are {count} CUDA device(s) here: use cuda:0 .. cuda:{count - 1}")
 
 
 @dataclass
@@ -71,6 +92,23 @@ class ImagePipeline:
     def from_pretrained(cls, name_or_path: str | Path = "shapes", *, ema: bool = True, device: str = "auto",
                         bf16: bool = False) -> "ImagePipeline":
         return cls(load_model(resolve_model_path(name_or_path), ema=ema), device, bf16)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of training steps of the diffusion chain."""
+        return self.diffusion.num_steps
+
+    def check_steps(self, steps: int | None, name: str = "steps") -> None:
+        """Sampling steps must be a subset of the T training steps (None: all); more would silently mean all."""
+        if steps is not None and not 1 <= steps <= self.num_steps:
+            raise ValueError(f"{name} {steps}: this model has T={self.num_steps} training steps; "
+                             f"use 1..{self.num_steps} (0 = all)")
+
+    def check_t(self, t: int, name: str = "t") -> None:
+        """The training step to restart/mix at must be in 0..T-1 (a larger one would silently mean T-1)."""
+        if not 0 <= t < self.num_steps:
+            raise ValueError(f"{name} {t}: must be a training step in 0..{self.num_steps - 1} "
+                             f"for this model (T={self.num_steps})")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -109,6 +147,9 @@ class ImagePipeline:
         s = settings or SampleSettings()
         if s.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {s.sampler!r}; known: {', '.join(SAMPLERS)}")
+        _check_count(n, "n")
+        _check_count(batch_size, "batch_size")
+        self.check_steps(s.steps)
         spacing = default_spacing(s.sampler, s.steps, self.diffusion.num_steps)
         d = self.diffusion.respace(spacing) if spacing else self.diffusion
         y_all = self._labels(labels, n)
@@ -138,6 +179,10 @@ class ImagePipeline:
                     steps: int | None = None, mixing: str = "linear", seed: int = 0,
                     label: int | None = None) -> torch.Tensor:
         """DDPM sec. 4.3 interpolation of two images (1, C, H, W) through x_t; returns (len(lambdas), C, H, W)."""
+        if not lambdas:
+            raise ValueError("interpolate needs at least one mixing weight (lambdas)")
+        self.check_steps(steps)
+        self.check_t(t)
         cond = self._single_cond(label, len(lambdas))
         with self._autocast():
             x = interpolate(self._chain(steps), self._model_fn(1.0), a.to(self.device), b.to(self.device),
@@ -148,6 +193,9 @@ class ImagePipeline:
     def vary(self, image: torch.Tensor, t: int, count: int, *, steps: int | None = None, seed: int = 0,
              label: int | None = None) -> torch.Tensor:
         """Variations of one image (1, C, H, W) from step t (e.g. 750 of 1000); returns (count, C, H, W)."""
+        _check_count(count, "count")
+        self.check_steps(steps)
+        self.check_t(t)
         cond = self._single_cond(label, count)
         with self._autocast():
             x = vary(self._chain(steps), self._model_fn(1.0), image.to(self.device), t, count, cond=cond,
@@ -167,9 +215,17 @@ class ImagePipeline:
         """Bits/dim of the full variational bound (all T steps) over batches of 8-bit images in [-1, 1].
 
         Class-conditional models are evaluated given each image's label (batches must be dicts with "label")."""
+        if max_images is not None:
+            _check_count(max_images, "max_images")
         cond_fn = None if self.config.model.num_classes is None else (lambda b: {"y": b["label"]})
         return dataset_bpd(self.diffusion, self.model, batches, max_images=max_images, device=self.device,
                            generator=torch.Generator().manual_seed(seed), progress=progress, cond_fn=cond_fn)
+
+
+def _check_count(value: int, name: str) -> None:
+    """Counts of images must be positive: 0 would fail later as an empty torch.cat or a zero range step."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _first(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -118,6 +118,11 @@ class FashionMNIST(ImageDataset):
         if split not in _FILES:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root = Path(root).expanduser() if root is not None else DEFAULT_ROOT
+        if self.root.is_file():  # e.g. data.path naming one of the idx files instead of their folder
+            raise NotADirectoryError(
+                f"Fashion-MNIST root {self.root} is a file, not a folder: give the folder holding "
+                f"{', '.join(_FILES['train'] + _FILES['test'])} (gzipped or not)"
+            )
         if not self.root.is_dir():
             _find(self.root, _FILES[split][0])  # raises the install hint
         self.images, self.labels = load_split(str(self.root.resolve()), split)
