@@ -60,6 +60,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} fits none of {tp}: {'; '.join(errors)}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and ("no" in args or "yes" in args):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` / `yes` as a boolean
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value
