@@ -11,8 +11,9 @@ from torch import nn
 class EMA:
     """theta_ema <- rate * theta_ema + (1 - rate) * theta after every optimizer step, for each rate.
 
-    The averages are kept in float32 on the model's device, keyed by parameter name, so they can be saved as
-    safetensors and loaded into a fresh network of the same config.
+    The averages are kept in float32 on the device of the parameter they follow, keyed by parameter name, so
+    they can be saved as safetensors and loaded into a fresh network of the same config. The EMA may be built
+    before accelerate moves the model (CPU -> GPU); each shadow then follows its parameter on first use.
     """
 
     def __init__(self, model: nn.Module, rates: Iterable[float]) -> None:
@@ -31,7 +32,21 @@ class EMA:
         for name, p in model.named_parameters():
             src = p.detach().float()
             for r, eff in rates.items():
-                self.shadows[r][name].lerp_(src, 1.0 - eff)
+                self._on_device(r, name, src.device).lerp_(src, 1.0 - eff)
+
+    def to(self, device: torch.device | str) -> "EMA":
+        """Move every average to `device` (e.g. where accelerate put the model)."""
+        for shadow in self.shadows.values():
+            for name, v in shadow.items():
+                shadow[name] = v.to(device)
+        return self
+
+    def _on_device(self, rate: float, name: str, device: torch.device) -> torch.Tensor:
+        """The shadow of `name`, moved to `device` first when the model moved since the EMA was built."""
+        shadow = self.shadows[rate][name]
+        if shadow.device != device:
+            shadow = self.shadows[rate][name] = shadow.to(device)
+        return shadow
 
     def state_dict(self, rate: float) -> dict[str, torch.Tensor]:
         """The averaged parameters for one rate (buffers are not averaged; take them from the model)."""
@@ -42,14 +57,17 @@ class EMA:
         missing, unexpected = set(own) - set(state), set(state) - set(own)
         if missing or unexpected:
             raise ValueError(f"EMA {rate}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+        shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+        if shapes:
+            raise ValueError(f"EMA {rate}: shape mismatches {'; '.join(shapes[:5])}")
         for k, v in state.items():
-            own[k].copy_(v)
+            own[k].copy_(v)  # copy_ moves across devices: the shadows stay where the model is
 
     def copy_to(self, model: nn.Module, rate: float) -> None:
         """Overwrite the model's parameters with the average for `rate`."""
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(self.shadows[rate][name].to(p.dtype))
+                p.copy_(self.shadows[rate][name].to(device=p.device, dtype=p.dtype))
 
 
 def rate_name(rate: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,10 @@ from ..data import DataConfig
 from ..diffusion import DiffusionConfig
 from ..interop.config import apply_overrides, from_dict, load_yaml
 from ..nets.unet import UNetConfig
+
+
+MAX_LR = 1.0
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -39,14 +44,14 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     out_dir: str = "runs/experiment"
     device: str = "auto"  # "auto" lets accelerate choose (GPU when present)
-    num_workers: int = 0
+    num_workers: int | None = None  # loader processes; None: auto (spare cores on a GPU, 0 on a CPU)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.ema_rates = tuple(self.ema_rates)
         checks = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
+            "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
             "keep_last": self.keep_last >= 1, "class_dropout": 0 <= self.class_dropout < 1,
             "ema_rates": len(self.ema_rates) >= 1, "log_every": self.log_every >= 1,
         }
@@ -55,6 +60,12 @@ class TrainConfig:
                 raise ValueError(f"train.{name} has an invalid value: {getattr(self, name)!r}")
         if self.sample_ema is not None and self.sample_ema not in self.ema_rates:
             raise ValueError(f"train.sample_ema {self.sample_ema} is not one of train.ema_rates {self.ema_rates}")
+        # AdamW steps are about lr in size whatever the gradient: lr > 1 blows the weights up within a step
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"train.lr={self.lr!r} is out of range: use a learning rate in (0, {MAX_LR:g}] "
+                             "(diffusion models train with about 1e-4)")
+        if not DEVICE_RE.fullmatch(str(self.device)):
+            raise ValueError(f"train.device={self.device!r} is not a device: use auto, cpu, cuda or cuda:N")
 
     @property
     def preview_ema(self) -> float:

@@ -41,12 +41,13 @@ class RunLog:
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def records(self) -> list[dict[str, Any]]:
+        """The logged records; lines that do not parse (a write torn by a crash) are skipped."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in map(_parse_record, self.path.read_text(errors="replace").splitlines()) if r is not None]
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records past the checkpoint, so the log reads as one uninterrupted history."""
+        """On resume: drop records past the checkpoint (and torn lines), so the log reads as one history."""
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in self.records() if r.get("step", 0) <= step]
@@ -80,6 +81,17 @@ class RunLog:
         fig.savefig(out)
         plt.close(fig)
         return out
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """One log line as a record, or None for a blank, torn or foreign line."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
 
 
 @torch.no_grad()

@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data import build_dataset
@@ -27,21 +30,30 @@ from ..diffusion import GaussianDiffusion, LossAwareSampler, make_timestep_sampl
 from ..nets.unet import UNet
 from ..interop.config import to_dict
 from .checkpoint import (
+    CheckpointError,
+    ResumeState,
+    check_fits,
     config_diff,
-    latest_checkpoint,
-    load_state,
-    load_weights,
-    read_config,
+    read_resume_state,
     read_tensors,
+    step_folders,
+    tensors_problem,
     write_checkpoint,
 )
 from .ema import EMA, rate_name
-from .experiment import ExperimentConfig
+from .experiment import ExperimentConfig, TrainConfig
+from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
+from .lock import RunLock
 from .monitor import RunLog, save_preview
 
 # train.* keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = {"steps", "log_every", "save_every", "sample_every", "num_preview", "preview_steps", "keep_last",
                   "out_dir", "device", "num_workers"}
+
+
+# weights beyond this are a blow-up (healthy UNet weights stay below ~10): such a state is never saved
+MAX_SANE_WEIGHT = 1e6
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingError(RuntimeError):
@@ -51,70 +63,40 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainResult:
     step: int
-    checkpoint: Path | None
+    checkpoint: Path | None  # the newest checkpoint on disk (None only on non-main processes)
     last_loss: float
-
-
-def _stream_seed(seed: int, pos: int, salt: int) -> int:
-    """A 63-bit seed for (run seed, micro-batch position, purpose): distinct streams, no shared state."""
-    return (seed * 1_000_003 + pos * 7919 + salt * 104_729) % (2**63 - 1)
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Yields this process's slice of each global micro-batch, starting at micro-batch `start` (resume).
-
-    Epoch e is a permutation of the dataset seeded by (seed, e); incomplete last batches are dropped.
-    """
-
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int,
-                 on_epoch: Callable[[int], None] | None = None) -> None:
-        if n < batch:
-            raise ValueError(f"dataset has {n} images, fewer than one batch of {batch}")
-        if batch % world:
-            raise ValueError(f"train.batch_size {batch} is not divisible by the {world} processes")
-        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
-        self.per_epoch = n // batch
-        self.on_epoch = on_epoch  # tells the dataset the epoch, so its augmentation stream moves on
-
-    def __iter__(self) -> Iterator[list[int]]:
-        pos = self.start
-        per = self.batch // self.world
-        while True:
-            epoch, offset = divmod(pos, self.per_epoch)
-            if self.on_epoch is not None:
-                self.on_epoch(epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_stream_seed(self.seed, epoch, 1)))
-            for b in range(offset, self.per_epoch):
-                idx = perm[b * self.batch : (b + 1) * self.batch]
-                yield idx[self.rank * per : (self.rank + 1) * per].tolist()
-            pos = (epoch + 1) * self.per_epoch
-
-    def __len__(self) -> int:  # an endless stream; length of one epoch for tools that ask
-        return self.per_epoch
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    out = {"image": torch.stack([s["image"] for s in samples])}
-    if "label" in samples[0]:
-        out["label"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
-    return out
+    interrupted: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run early, after saving
 
 
 class Trainer:
     """Build everything from an ExperimentConfig and run `fit()`; `accelerate launch` runs it unchanged."""
 
     def __init__(self, cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
-                 dataset: Dataset | None = None) -> None:
-        from accelerate import Accelerator
-
+                 dataset: Dataset | None = None, overwrite: bool = False) -> None:
         tc = cfg.train
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in the folder and --overwrite deletes it: use one of them")
         if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
         self.cfg, self.progress = cfg, progress
-        self.acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu")
         self.out = Path(tc.out_dir)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self._check_model_fits()
+        self.acc = _make_accelerator(tc)
+        self.lock = RunLock(self.out)  # main process only: one writer per run folder
+        self.resumed_from: Path | None = None
+        self._saved: Path | None = None  # the newest checkpoint this trainer wrote
+        self._saved_step: int | None = None
+        self._stop_signal: int | None = None
+        try:
+            self._setup(resume, overwrite, dataset)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool, overwrite: bool, dataset: Dataset | None) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self._on_main(lambda: self._claim_run_folder(resume, overwrite), "could not take the run folder")
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.net = UNet(cfg.model)
         self.ema = EMA(self.net, tc.ema_rates)
@@ -125,16 +107,19 @@ class Trainer:
                                  {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
         self.t_sampler = make_timestep_sampler(tc.timestep_sampler, self.diffusion.num_steps)
         self.step = 0
+        damaged: list[Path] = []
         if resume:
-            self._resume(opt)
+            damaged = self._resume(opt)
         self.model, self.opt = self.acc.prepare(self.net, opt)
+        self.ema.to(self.acc.device)  # the averages live where accelerate put the weights (GPU)
         self.dataset = dataset if dataset is not None else build_dataset(cfg.data)
+        self._check_labels_fit()
         self.log = RunLog(self.out, enabled=self.acc.is_main_process, tensorboard=True)
         if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
             self.log.truncate_after(self.step)
-        self._stop_requested = False
+            for folder in damaged:  # every process has read the checkpoints by now (prepare synchronises)
+                _set_aside(folder)
 
     # ------------------------------------------------------------------ setup
     def _check_model_fits(self) -> None:
@@ -148,42 +133,128 @@ class Trainer:
         if m.out_channels != self.cfg.data.channels and self.cfg.data.channels is not None:
             raise ValueError(f"model.out_channels={m.out_channels} but data.channels={self.cfg.data.channels}")
 
-    def _resume(self, opt: torch.optim.Optimizer) -> None:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            raise TrainingError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-        saved = read_config(ckpt)
-        diffs = [d for d in config_diff(saved, self.cfg) if not (d.startswith("train.") and d.split(":")[0][6:] in RESUMABLE_KEYS)]
+    def _check_labels_fit(self) -> None:
+        """A class-conditional model needs a labelled dataset with exactly model.num_classes classes (label
+        num_classes is the null class of classifier-free guidance, so a larger label would train silently wrong)."""
+        want = self.cfg.model.num_classes
+        if want is None:
+            return
+        have = getattr(self.dataset, "num_classes", None)
+        name = self.cfg.data.name
+        if have is None:
+            raise ValueError(f"model.num_classes={want} but dataset '{name}' has no labels; "
+                             "set model.num_classes=null for an unconditional model")
+        if have != want:
+            raise ValueError(f"model.num_classes={want} but dataset '{name}' has {have} classes; "
+                             f"set model.num_classes={have}")
+
+    def _claim_run_folder(self, resume: bool, overwrite: bool) -> None:
+        """Lock the run folder (and prove it writable) before any work; refuse to train over another run."""
+        self.lock.acquire()
+        if resume:
+            return
+        found = _run_contents(self.out)
+        if found and not overwrite:
+            raise TrainingError(f"{self.out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                                "replace it with --overwrite, or train into a new --out folder")
+        if found:
+            _remove_run(self.out)
+
+    def _on_main(self, fn: Callable[[], Any], what: str) -> None:
+        """Run `fn` on the main process only; if it fails, every process stops (none waits forever)."""
+        err: Exception | None = None
+        if self.acc.is_main_process:
+            try:
+                fn()
+            except Exception as e:
+                err = e
+        failed = err is not None
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([float(failed)], device=self.acc.device)
+            failed = float(self.acc.reduce(flag, reduction="sum")) > 0
+        if err is not None:
+            raise err
+        if failed:
+            raise TrainingError(f"the main process {what}; see its error")
+
+    def _barrier(self) -> None:
+        """Every process waits here. Not accelerate's wait_for_everyone: it passes device_ids to the barrier, and
+        a gloo (CPU) run on a machine with fewer GPUs than processes then fails with 'invalid device ordinal'."""
+        if self.acc.num_processes > 1:
+            self.acc.reduce(torch.zeros(1, device=self.acc.device), reduction="sum")
+
+    def _notice(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(f"pakhsh train: notice: {text}", file=sys.stderr, flush=True)
+
+    def _resume(self, opt: torch.optim.Optimizer) -> list[Path]:
+        """Load the newest checkpoint that reads back whole; returns the damaged newer ones it passed over."""
+        folders = step_folders(self.out)
+        if not folders:
+            raise TrainingError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; train without --resume")
+        problems: list[str] = []
+        for i, folder in enumerate(folders):
+            try:
+                found = read_resume_state(folder, self.ema.rates)
+            except CheckpointError as e:
+                problems.append(str(e))
+                self._notice(f"checkpoint {folder.name} is damaged: {e}")
+                continue
+            self._check_same_config(found)
+            try:
+                self._load(found, opt)
+            except (CheckpointError, ValueError, KeyError) as e:
+                problems.append(f"{folder}: {e}")
+                self._notice(f"checkpoint {folder.name} is damaged: {folder}: {e}")
+                continue
+            if problems:
+                self._notice(f"resuming from {folder} (step {self.step}), the newest good checkpoint; "
+                             "the damaged ones are renamed to *.damaged")
+            self.resumed_from = folder
+            return folders[:i]
+        raise TrainingError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}: " + " | ".join(problems))
+
+    def _check_same_config(self, found: ResumeState) -> None:
+        diffs = [d for d in config_diff(found.config, self.cfg)
+                 if not (d.startswith("train.") and d.split(":")[0][6:] in RESUMABLE_KEYS)]
         if diffs:
-            raise TrainingError(f"--resume: the config differs from the checkpoint {ckpt}: " + "; ".join(diffs))
-        load_weights(self.net, ckpt / "model.safetensors")
+            raise TrainingError(f"--resume: the config differs from the checkpoint {found.folder}: " + "; ".join(diffs))
+
+    def _load(self, found: ResumeState, opt: torch.optim.Optimizer) -> None:
+        """Put a checked checkpoint into the network, EMA, optimizer and timestep sampler."""
+        check_fits(self.net, found.model, found.folder / "model.safetensors")
         for r in self.ema.rates:
-            self.ema.load_state_dict(r, read_tensors(ckpt / f"{rate_name(r)}.safetensors"))
-        opt.load_state_dict(load_state(ckpt, "optimizer.pt"))
-        state = load_state(ckpt, "state.pt")
-        self.step = int(state["step"])
+            check_fits(self.net, found.ema[r], found.folder / f"{rate_name(r)}.safetensors", partial_params_only=True)
+        self.net.load_state_dict(found.model)
+        for r in self.ema.rates:
+            self.ema.load_state_dict(r, found.ema[r])
+        opt.load_state_dict(found.optimizer)
+        state = found.state
         if isinstance(self.t_sampler, LossAwareSampler) and "loss_history" in state:
             self.t_sampler.load_state_dict({"loss_history": state["loss_history"].numpy(), "counts": state["counts"].numpy()})
-        self.resumed_from = ckpt
+        self.step = int(state["step"])
+        self._saved, self._saved_step = found.folder, self.step
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         tc = self.cfg.train
         world, rank = self.acc.num_processes, self.acc.process_index
-        # in-process loading lets the sampler advance the dataset's augmentation epoch (flips, random crops);
-        # worker processes hold copies, so there each epoch reuses epoch 0's augmentation draws
-        on_epoch = getattr(self.dataset, "set_epoch", None) if tc.num_workers == 0 else None
-        sampler = GlobalBatchSampler(len(self.dataset), tc.batch_size, rank, world, tc.seed, self.step * tc.grad_accum, on_epoch)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=tc.num_workers, collate_fn=_collate)
+        sampler = GlobalBatchSampler(len(self.dataset), tc.batch_size, rank, world, tc.seed, self.step * tc.grad_accum)
+        workers = tc.num_workers if tc.num_workers is not None else auto_workers(self.acc.device, world)
+        loader = make_loader(self.dataset, sampler, workers, self.acc.device)
         batches = iter(loader)
-        old_handler = self._install_sigint()
+        if self.acc.is_main_process:
+            self.lock.acquire()  # held since __init__; taken again when fit() runs a second time
+        old_handlers = self._install_stop_handlers()
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.acc.is_main_process),
                    desc=self.cfg.name, unit="step", dynamic_ncols=True)
         last_loss, window, t0 = float("nan"), [], time.time()
-        ckpt: Path | None = None
+        stopped = False
         try:
-            while self.step < tc.steps and not self._stop_requested:
+            while self.step < tc.steps and not stopped:
                 stats = self._train_step(batches)
+                # every process agrees (a mean over processes), so they all stop after the same step
+                stopped = stats.pop("stop") > 0 or (world == 1 and self._stop_signal is not None)
                 self.step += 1
                 last_loss = stats["loss"]
                 window.append(stats)
@@ -195,16 +266,19 @@ class Trainer:
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.preview()
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
-                    ckpt = self.save()
-            if self._stop_requested:
-                ckpt = self.save()
-                self.acc.print(f"interrupted: saved step {self.step} to {ckpt}")
+                    self.save()
+            if stopped:
+                self.save()
+                self._stop_signal = self._stop_signal or signal.SIGTERM  # told by another process
+                self.acc.print(f"interrupted: saved step {self.step} to {self._saved}")
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
-        self.acc.wait_for_everyone()
-        return TrainResult(self.step, ckpt, last_loss)
+            for sig, old in old_handlers.items():
+                signal.signal(sig, old)
+            self.lock.release()
+        self._barrier()
+        ckpt = self._saved if self.acc.is_main_process else None
+        return TrainResult(self.step, ckpt, last_loss, self._stop_signal if stopped else None)
 
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
         tc = self.cfg.train
@@ -222,30 +296,34 @@ class Trainer:
                 self.acc.backward(terms["loss"] / tc.grad_accum)
             for k in totals:
                 totals[k] += terms[k].detach() / tc.grad_accum
-        # the logged numbers (and the NaN verdict) are means over all processes, so every rank agrees
-        summary = torch.stack([totals[k].float().reshape(()) for k in totals]).to(self.acc.device)
+        # the logged numbers, the NaN verdict and the stop request (a signal on any process) are means over all
+        # processes, so every rank agrees on them
+        totals["stop"] = torch.tensor(float(self._stop_signal is not None))
+        summary = torch.stack([totals[k].float().reshape(()).to(self.acc.device) for k in totals])
         if self.acc.num_processes > 1:
             summary = self.acc.reduce(summary, reduction="mean")
         totals = dict(zip(totals, summary.tolist()))
         if not math.isfinite(totals["loss"]):
-            good = latest_checkpoint(self.out)
             raise TrainingError(
-                f"loss became {totals['loss']} at step {self.step + 1}; stopping. Last good checkpoint: {good or 'none yet'}"
+                f"loss became {totals['loss']} at step {self.step + 1}; stopping. Last good checkpoint: {self._last_good()}"
             )
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+        # without clipping, an infinite max norm still measures the norm (and clips nothing)
+        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf))
+        if not math.isfinite(grad_norm) and tc.mixed_precision != "fp16":  # fp16: the grad scaler skips the step
+            raise TrainingError(f"gradient norm became {grad_norm} at step {self.step + 1}; stopping before the "
+                                f"update. Last good checkpoint: {self._last_good()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.net, self.step if tc.ema_warmup else None)
         totals["lr"] = lr
-        if grad_norm is not None:
-            totals["grad_norm"] = float(grad_norm)
+        totals["grad_norm"] = grad_norm
         return totals
 
     def _micro_losses(self, batch: dict[str, torch.Tensor], pos: int) -> dict[str, torch.Tensor]:
         """Losses of this process's slice of global micro-batch `pos`; all randomness derived from (seed, pos)."""
         tc, dev = self.cfg.train, self.acc.device
         world, rank = self.acc.num_processes, self.acc.process_index
-        x0 = batch["image"].to(dev)
+        x0 = batch["image"].to(dev, non_blocking=True)
         per = x0.shape[0]
         g = torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 2))
         # draw for the whole global batch, keep our slice: N processes == 1 process on the combined batch
@@ -258,6 +336,7 @@ class Trainer:
         if self.cfg.model.num_classes is not None:
             if "label" not in batch:
                 raise ValueError(f"model.num_classes={self.cfg.model.num_classes} but dataset '{self.cfg.data.name}' has no labels")
+            _check_label_range(batch["label"], self.cfg.model.num_classes, self.cfg.data.name)
             y = batch["label"].to(dev)
             cond["y"] = torch.where(drop[sl].to(dev), torch.full_like(y, self.cfg.model.num_classes), y)
         torch.manual_seed(_stream_seed(tc.seed, pos, 3 + rank))  # dropout masks
@@ -280,41 +359,162 @@ class Trainer:
         self.log.write(rec)
 
     def save(self) -> Path | None:
-        """Write a checkpoint (main process) and the loss curve; returns its folder."""
-        self.acc.wait_for_everyone()
-        path = None
-        if self.acc.is_main_process:
-            state: dict[str, Any] = {"step": self.step, "micro_batch": self.step * self.cfg.train.grad_accum,
-                                     "seed": self.cfg.train.seed}
-            if isinstance(self.t_sampler, LossAwareSampler):
-                sd = self.t_sampler.state_dict()
-                state["loss_history"] = torch.from_numpy(sd["loss_history"])
-                state["counts"] = torch.from_numpy(sd["counts"])
-            files: dict[str, Any] = {"model.safetensors": self.acc.unwrap_model(self.model).state_dict(),
-                                     "optimizer.pt": self.opt.optimizer.state_dict() if hasattr(self.opt, "optimizer") else self.opt.state_dict(),
-                                     "state.pt": state}
-            for r in self.ema.rates:
-                files[f"{rate_name(r)}.safetensors"] = self.ema.state_dict(r)
+        """Write a checkpoint (main process) and the loss curve; returns its folder (None on other processes).
+
+        Weights that blew up are never saved, so every checkpoint on disk is one training can go on from.
+        """
+        if self._saved_step == self.step:  # e.g. Ctrl-C right after a periodic save: that one is this state
+            return self._saved if self.acc.is_main_process else None
+        files = self._checkpoint_files()
+        for name, tensors in files.items():  # on every process: they hold the same weights and stop together
+            if name.endswith(".safetensors") and (problem := tensors_problem(tensors, MAX_SANE_WEIGHT)):
+                raise TrainingError(f"the weights at step {self.step} blew up ({problem} of {name}); not saving them. "
+                                    f"Last checkpoint with sane weights: {self._last_good()}; lower train.lr and "
+                                    "--resume")
+        path: Path | None = None
+
+        def write() -> None:
+            nonlocal path
             path = write_checkpoint(self.out, self.step, files, self.cfg, self.cfg.train.keep_last)
             self.log.plot_loss()
-        self.acc.wait_for_everyone()
+
+        self._on_main(write, f"could not save step {self.step}")  # also the barrier after the write
+        self._saved, self._saved_step = path, self.step
         return path
+
+    def _checkpoint_files(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self.step, "micro_batch": self.step * self.cfg.train.grad_accum,
+                                 "seed": self.cfg.train.seed}
+        if isinstance(self.t_sampler, LossAwareSampler):
+            sd = self.t_sampler.state_dict()
+            state["loss_history"] = torch.from_numpy(sd["loss_history"])
+            state["counts"] = torch.from_numpy(sd["counts"])
+        files: dict[str, Any] = {"model.safetensors": self.acc.unwrap_model(self.model).state_dict(),
+                                 "optimizer.pt": self.opt.optimizer.state_dict() if hasattr(self.opt, "optimizer") else self.opt.state_dict(),
+                                 "state.pt": state}
+        for r in self.ema.rates:
+            files[f"{rate_name(r)}.safetensors"] = self.ema.state_dict(r)
+        return files
+
+    def _last_good(self) -> str:
+        """The newest checkpoint on disk whose weights are sane (checkpoints saved before that check existed
+        may hold a blow-up), for error messages."""
+        for folder in step_folders(self.out):
+            try:
+                if tensors_problem(read_tensors(folder / "model.safetensors"), MAX_SANE_WEIGHT) is None:
+                    return str(folder)
+            except CheckpointError:
+                continue
+        return "none yet"
 
     def preview(self) -> None:
         """A grid of EMA samples (fixed seed, so grids are comparable across steps)."""
         if self.acc.is_main_process:
             save_preview(self, self.out / "samples" / f"step_{self.step:07d}.png")
 
-    def _install_sigint(self) -> Any:
-        """Ctrl-C finishes the current step, saves a checkpoint and stops."""
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers, torchrun) finish the current step, save a checkpoint
+        and stop; a second signal stops at once. Returns the handlers to restore."""
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.acc.print(f"\n{name}: saving a checkpoint after this step (send it again to abort)")
+
+        old: dict[int, Any] = {}
+        for sig in STOP_SIGNALS:
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return old
+
+
+def _env_world_size() -> int:
+    """The number of processes the launcher started (torchrun / accelerate launch / MPI), 1 when unlaunched."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         try:
-            def handler(signum: int, frame: Any) -> None:
-                if self._stop_requested:  # a second Ctrl-C stops at once
-                    raise KeyboardInterrupt
-                self._stop_requested = True
-                self.acc.print("\nCtrl-C: saving a checkpoint after this step (press again to abort)")
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            return None
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
+def _make_accelerator(tc: TrainConfig) -> Any:
+    """An Accelerator for train.device, checked: a named GPU must exist, and N launched processes must form one
+    data-parallel run (never N independent trainers writing one folder)."""
+    from accelerate import Accelerator
+
+    world, device = _env_world_size(), tc.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                             "False); use train.device=cpu or auto")
+        if ":" in device:
+            index, count = int(device.split(":")[1]), torch.cuda.device_count()
+            if index >= count:
+                raise ValueError(f"train.device={device}: there are {count} CUDA device(s) here (cuda:0 .. "
+                                 f"cuda:{count - 1})")
+            if world > 1:
+                raise ValueError(f"train.device={device} names one GPU but {world} processes were launched; use "
+                                 "train.device=cuda or auto (each process takes its own GPU)")
+            torch.cuda.set_device(index)  # accelerate's single-process device is the current CUDA device
+    # accelerate sets up gloo data parallel over several CPU processes only when told cpu=True
+    cpu = device == "cpu" or (device == "auto" and world > 1 and not torch.cuda.is_available())
+    local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+    if world > 1 and not cpu and local > gpus:  # NCCL cannot put two processes on one GPU
+        raise ValueError(f"{local} processes on this machine but {gpus} GPU(s): launch one process per GPU "
+                         f"(--nproc_per_node {gpus}) or set train.device=cpu")
+    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu)
+    if acc.num_processes != world:
+        raise TrainingError(
+            f"{world} processes were launched (WORLD_SIZE={world}) but accelerate set up {acc.num_processes} "
+            f"({acc.distributed_type}); launch with `torchrun --nproc_per_node {world} -m pakhsh.cli train ...` or "
+            f"`accelerate launch --multi_gpu --num_processes {world} -m pakhsh.cli train ...` (CPUs too)"
+        )
+    if device.startswith("cuda") and acc.device.type != "cuda":
+        raise TrainingError(f"train.device={device} but accelerate chose {acc.device} (ACCELERATE_USE_CPU set, or "
+                            "accelerate already initialised on CPU in this process)")
+    return acc
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int, dataset: str) -> None:
+    """Labels must be 0..num_classes-1: label num_classes is the null class, beyond it the embedding fails."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise ValueError(f"dataset '{dataset}' has label {bad}, outside 0..{num_classes - 1} for "
+                         f"model.num_classes={num_classes}; set model.num_classes to the dataset's class count")
+
+
+# what a run writes into its folder (--overwrite removes exactly these; the lock file stays with its holder)
+_RUN_OUTPUTS = ("checkpoints", "samples", "tb", "log.jsonl", "loss.png", "config.json")
+
+
+def _run_contents(out: Path) -> list[str]:
+    """What in `out` shows an earlier run: checkpoints or a training log."""
+    found = []
+    if step_folders(out) or (out / "checkpoints" / "LATEST").exists():
+        found.append("checkpoints/")
+    log = out / "log.jsonl"
+    if log.is_file() and log.stat().st_size > 0:
+        found.append("log.jsonl")
+    return found
+
+
+def _remove_run(out: Path) -> None:
+    for name in _RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _set_aside(folder: Path) -> None:
+    """Rename a damaged checkpoint to `step_X.damaged` (kept for inspection; readers and pruning ignore it)."""
+    target = folder.with_name(folder.name + ".damaged")
+    n = 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.damaged{n}"), n + 1
+    os.replace(folder, target)
