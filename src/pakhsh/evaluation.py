@@ -62,6 +62,8 @@ class EvalConfig:
     """What to evaluate, against what, and how. One definition for the library call and `pakhsh eval`."""
 
     source: str = "fashion_mnist"  # checkpoint/run folder or shipped model name (sampled), or a folder of images
+    source_format: str = "auto"  # model format: auto | pakhsh | diffusers | openai (see pipelines.base)
+    openai_flags: str | None = None  # improved/guided-diffusion flags, for an openai .pt source
     dataset: str | None = None  # reference dataset; None: the checkpoint's own (required for image folders)
     data_path: str | None = None  # where the reference dataset lives, if it needs one (fashion_mnist, folder)
     split: str = "train"  # reference split for FID/KID/precision-recall
@@ -188,11 +190,12 @@ def _featnet_folder(spec: str, explicit: bool) -> Path:
 
 
 def is_checkpoint(source: str) -> bool:
-    """A run folder, checkpoint folder, exported model or shipped model name (rather than a folder of images)."""
+    """A model (run/checkpoint folder, exported model, shipped name, diffusers pipeline folder, openai .pt file)
+    rather than a folder of images."""
     p = Path(source)
-    if not p.exists():
-        return True  # not a path: resolved as a shipped model name (which names the missing path if unknown)
-    return (p / "model.safetensors").is_file() or (p / "checkpoints").is_dir()
+    if not p.exists() or p.is_file():
+        return True  # a shipped name (which names the missing path if unknown), or a .pt checkpoint
+    return (p / "model.safetensors").is_file() or (p / "checkpoints").is_dir() or (p / "model_index.json").is_file()
 
 
 def image_folder(folder: str, strict: bool, limit: int | None, shape: tuple[int, int]) -> Dataset:
@@ -302,7 +305,7 @@ def _bpd(pipe: Any, cfg: EvalConfig) -> tuple[float, int]:
     """Bits/dim of the full bound on the model's test split (first `bpd_images` images)."""
     from torch.utils.data import DataLoader
 
-    test = build_dataset(replace(pipe.config.data, split="test", random_flip=False))
+    test = build_dataset(replace(pipe.require_data("--bpd"), split="test", random_flip=False))
     loader = DataLoader(test, batch_size=min(cfg.batch_size, cfg.bpd_images), shuffle=False)
     rep = pipe.nll(iter(loader), max_images=cfg.bpd_images, seed=cfg.seed, progress=cfg.progress)
     return rep.bpd, rep.num_images
@@ -331,8 +334,8 @@ def _sampling_info(pipe: Any, cfg: EvalConfig) -> dict[str, Any]:
 def _reference_config(cfg: EvalConfig, dataset: str, pipe: Any, extractor: FeatureExtractor) -> DataConfig:
     """The reference DataConfig: the checkpoint's own data unless another dataset is named; otherwise at the
     feature net's training size (Inception takes any size: 32 then)."""
-    if pipe is not None and dataset == pipe.config.data.name:
-        data = pipe.config.data
+    if pipe is not None and pipe.data is not None and dataset == pipe.data.name:
+        data = pipe.data
         return replace(data, split=cfg.split, path=cfg.data_path or data.path,
                        image_size=cfg.image_size or data.image_size)
     size = cfg.image_size or extractor.image_size or 32
@@ -352,13 +355,15 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.bpd and not checkpoint:
         raise ValueError("bits/dim needs a checkpoint, not a folder of images")
     device = pick_device(cfg.device)
-    pipe = ImagePipeline.from_pretrained(cfg.source, ema=cfg.ema, device=str(device), bf16=cfg.bf16) \
-        if checkpoint else None
+    pipe = ImagePipeline.from_pretrained(cfg.source, ema=cfg.ema, device=str(device), bf16=cfg.bf16,
+                                         source=cfg.source_format, openai_flags=cfg.openai_flags) \
+        if checkpoint else None  # type: ignore[arg-type]
     if pipe is not None:
         pipe.check_steps(cfg.steps)  # before any reference features are computed
-    dataset = cfg.dataset or (pipe.config.data.name if pipe is not None else None)
+    dataset = cfg.dataset or (pipe.data.name if pipe is not None and pipe.data is not None else None)
     if dataset is None:
-        raise ValueError("evaluating a folder of images needs --dataset (the reference, e.g. fashion_mnist)")
+        what = "a folder of images" if pipe is None else f"a {pipe.loaded.kind} model (it records no dataset)"
+        raise ValueError(f"evaluating {what} needs --dataset (the reference, e.g. fashion_mnist)")
     extractor, ext_id = load_extractor(cfg.feature_net, dataset, cfg.inception_weights, device)
     data = _reference_config(cfg, dataset, pipe, extractor)
     with warnings.catch_warnings(record=True) as caught:

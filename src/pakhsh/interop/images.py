@@ -33,8 +33,38 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value:
     return grid
 
 
+# Formats an output path's suffix may name; PIL can write each of them without extra options.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".gif": "GIF"}
+
+
+def image_format(path: str | Path, flag: str = "path") -> str:
+    """The PIL format an output path's suffix names; an unknown or missing suffix raises ValueError naming `flag`."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        what = f"unknown image type {suffix!r}" if suffix else "no suffix to say the image type"
+        raise ValueError(f"{flag} {path}: {what}; use one of {', '.join(sorted(IMAGE_FORMATS))}")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Save a (H, W, C) uint8 array in the format its suffix names (optionally upscaled by an integer factor,
+    nearest), atomically: a reader never sees half a file."""
+    fmt = image_format(path)
+    arr = array[..., 0] if array.shape[-1] == 1 else array
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    img.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    os.replace(tmp, p)
+    return p
+
+
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    """Save a (H, W, C) uint8 array as PNG (optionally upscaled by an integer factor, nearest), atomically."""
+    """Save a (H, W, C) uint8 array as PNG whatever the suffix (see `save_image` for suffix-chosen formats)."""
     arr = array[..., 0] if array.shape[-1] == 1 else array
     img = Image.fromarray(arr)
     if scale > 1:
@@ -48,8 +78,20 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Save (B, C, H, W) images in [-1, 1] as one PNG grid."""
-    return save_png(make_grid(x, nrow), path, scale)
+    """Save (B, C, H, W) images in [-1, 1] as one grid image, in the format the path's suffix names."""
+    return save_image(make_grid(x, nrow), path, scale)
+
+
+def save_npz(x: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
+    """Save (B, C, H, W) images in [-1, 1] as uint8 NHWC under "arr_0" (and (B,) int64 labels under "arr_1"):
+    what improved-diffusion's image_sample.py writes and the ADM evaluator reads. Written atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arrays = [to_uint8(x)] + ([labels.detach().cpu().numpy().astype(np.int64)] if labels is not None else [])
+    tmp = p.with_name(p.name + ".tmp.npz")  # np.savez appends .npz to names without it
+    np.savez(tmp, *arrays)
+    os.replace(tmp, p)
+    return p
 
 
 def save_images(x: torch.Tensor, folder: str | Path, prefix: str = "", start: int = 0) -> list[Path]:

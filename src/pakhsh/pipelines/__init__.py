@@ -1,5 +1,9 @@
 """Inference pipelines, one per system (they compose nets, diffusion maths and samplers)."""
 
-from .unconditional import ImagePipeline, SampleSettings, resolve_model_path, shipped_models
+from .base import ResolvedModel, resolve_model, resolve_model_path, shipped_models
+from .unconditional import ImagePipeline, PipelineOutput, SampleSettings
 
-__all__ = ["ImagePipeline", "SampleSettings", "resolve_model_path", "shipped_models"]
+__all__ = [
+    "ImagePipeline", "PipelineOutput", "ResolvedModel", "SampleSettings", "resolve_model", "resolve_model_path",
+    "shipped_models",
+]

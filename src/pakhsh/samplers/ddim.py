@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.gaussian import GaussianDiffusion, ModelFn, _gather, randn_like
-from .common import Callback, SamplerStep, batch_t, check_start, step_indices
+from ..diffusion.gaussian import GaussianDiffusion, ModelFn, _gather
+from .common import Callback, SamplerStep, batch_t, check_start, randn_like, step_indices
 
 
 @torch.no_grad()

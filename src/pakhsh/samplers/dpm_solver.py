@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..diffusion.gaussian import GaussianDiffusion, ModelFn, randn_like
-from .common import Callback, SamplerStep, batch_t, check_start, step_indices
+from ..diffusion.gaussian import GaussianDiffusion, ModelFn
+from .common import Callback, SamplerStep, batch_t, check_start, randn_like, step_indices
 
 
 class _Move(NamedTuple):

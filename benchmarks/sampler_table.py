@@ -1,0 +1,102 @@
+"""Sampler x steps table for one model: FID / KID against the training split (shipped feature net), seconds.
+
+    python benchmarks/sampler_table.py shapes --num 1000 --out docs/results/samplers_shapes
+    python benchmarks/sampler_table.py fashion_mnist --num 1000 --device cuda --rows fast
+
+Every row samples `--num` images with one seed (the same starting noise for every sampler) and scores them
+with `pakhsh.evaluation.evaluate`, so the numbers are what `pakhsh eval MODEL --sampler S --steps N` prints.
+Writes OUT.json and OUT.md; the figures in docs/results/samplers.md came from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pakhsh.evaluation import EvalConfig, evaluate
+
+# (sampler, steps, eta): the reference chain first, then the few-step contenders
+ROWS = {
+    "full": [
+        ("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddpm", 50, 0.0), ("ddpm", 20, 0.0),
+        ("ddim", 50, 0.0), ("ddim", 50, 1.0), ("ddim", 20, 1.0),
+        ("dpm++2m", 20, 0.0), ("dpm++2m", 10, 0.0),
+        ("sde-dpm++2m", 50, 0.0), ("sde-dpm++2m", 20, 0.0), ("sde-dpm++2m", 10, 0.0),
+    ],
+    "fast": [("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("dpm++2m", 20, 0.0), ("sde-dpm++2m", 20, 0.0)],
+    "cpu": [  # what a 2-core CPU affords at n = 1,000 (ancestral-100 stands in for the 1000-step chain)
+        ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("ddim", 50, 0.0), ("dpm++2m", 20, 0.0),
+        ("sde-dpm++2m", 20, 0.0), ("sde-dpm++2m", 10, 0.0),
+    ],
+    "gpu": [
+        ("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 20, 1.0),
+        ("dpm++2m", 20, 0.0), ("sde-dpm++2m", 20, 0.0), ("sde-dpm++2m", 10, 0.0),
+    ],
+}
+
+
+def run_row(model: str, sampler: str, steps: int, eta: float, args: argparse.Namespace) -> dict:
+    cfg = EvalConfig(source=model, num_samples=args.num, num_real=args.num_real, sampler=sampler, steps=steps, eta=eta,
+                     metrics=("fid", "kid"), batch_size=args.batch_size, seed=args.seed, device=args.device,
+                     stats_dir=args.stats_dir, progress=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    res = evaluate(cfg)
+    rep = res.report
+    return {"sampler": sampler, "steps": steps, "eta": eta, "fid": rep.fid, "kid": rep.kid_mean,
+            "kid_std": rep.kid_std, "n": rep.n_fake, "seconds": time.perf_counter() - start,
+            "label": rep.labels()["fid"]}
+
+
+def to_markdown(model: str, rows: list[dict], device: str) -> str:
+    ref = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000), None)
+    ref = ref or next((r for r in rows if r["sampler"] == "ddpm"), None)
+    head = (f"| sampler | steps | FID | KID x1e3 | vs ancestral-{ref['steps'] if ref else '?'} "
+            f"| seconds ({device}, incl. scoring) |")
+    lines = [f"### {model}: {rows[0]['label'].split('-')[0]}-{rows[0]['n']}", "", head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["sampler"] + (f" (eta={r['eta']:g})" if r["sampler"] == "ddim" else "")
+        rel = f"{r['fid'] / ref['fid']:.2f}x" if ref else "-"
+        lines.append(f"| {name} | {r['steps']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
+                     f"| {rel} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="shipped model name or checkpoint folder")
+    p.add_argument("--num", type=int, default=1000, help="samples per row (default: %(default)s)")
+    p.add_argument("--num-real", type=int, default=10_000, help="reference images (default: %(default)s)")
+    p.add_argument("--rows", choices=sorted(ROWS), default="full")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stats-dir", default=None)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: print only)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for sampler, steps, eta in ROWS[args.rows]:
+        rows.append(run_row(args.model, sampler, steps, eta, args))
+        r = rows[-1]
+        print(f"{args.model} {sampler:12s} {steps:5d} eta={eta:g}  FID {r['fid']:.3f}  KID {r['kid']:.5f}  "
+              f"{r['seconds']:.1f}s", flush=True)
+    md = to_markdown(args.model, rows, torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
