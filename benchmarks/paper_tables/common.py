@@ -144,7 +144,8 @@ def ensure_run(name: str, b: Budget = BUDGET) -> Path:
     resume = latest_checkpoint(out) is not None
     log(f"training {name} -> {out}" + (" (resuming)" if resume else ""))
     start = time.perf_counter()
-    result = Trainer(cfg, resume=resume, progress=False).fit()
+    # a folder with a log but no checkpoint is a run killed before its first save: start it again
+    result = Trainer(cfg, resume=resume, overwrite=not resume, progress=False).fit()
     seconds = time.perf_counter() - start
     done.write_text(json.dumps({"step": result.step, "last_loss": result.last_loss, "train_seconds": seconds,
                                 "threads": torch.get_num_threads(), "resumed": resume}, indent=2) + "\n")
