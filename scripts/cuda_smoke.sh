@@ -25,8 +25,8 @@ TINY=(--set data.image_size=16 --set model.image_size=16 --set model.model_chann
       --set train.warmup_steps=10 --set "train.device=$DEVICE")
 for prec in no bf16; do
   R="$W/run_$prec"; FLAG=(); [ "$prec" = bf16 ] && FLAG=(--bf16)
-  run "train_$prec"  "${PK[@]}" train "$REPO/configs/shapes.yaml" "${TINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=60 --out "$R" -q
-  run "resume_$prec" "${PK[@]}" train "$REPO/configs/shapes.yaml" "${TINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=100 --out "$R" --resume -q
+  run "train_$prec"  "${PK[@]}" train shapes "${TINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=60 --out "$R" -q
+  run "resume_$prec" "${PK[@]}" train shapes "${TINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=100 --out "$R" --resume -q
   grep -q '"step": 100' "$R/log.jsonl" && ok "resume_$prec reached step 100"
   for s in "ddpm 50" "ddim 20" "dpm++2m 10" "sde-dpm++2m 10"; do
     set -- $s

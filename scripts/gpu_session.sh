@@ -22,7 +22,7 @@ python3 -c "import torch, accelerate; print('torch', torch.__version__, 'acceler
 # 1. data path: the shapes config at batch 128, in-process loading (the old default) vs automatic workers
 for nw in 0 auto; do
   extra=(); [ "$nw" = 0 ] && extra=(--set train.num_workers=0)
-  "${PK[@]}" train configs/shapes.yaml --set train.batch_size=128 --set train.steps=$TPUT_STEPS --set train.log_every=25 \
+  "${PK[@]}" train shapes --set train.batch_size=128 --set train.steps=$TPUT_STEPS --set train.log_every=25 \
      --set train.sample_every=0 --set train.save_every=$TPUT_STEPS --set train.mixed_precision=no --set train.device=cuda \
      "${extra[@]}" --out "$W/tput_$nw" -q > "$W/tput_$nw.log" 2>&1 || log "throughput run $nw FAILED: $(tail -3 "$W/tput_$nw.log")"
   python3 - "$W/tput_$nw/log.jsonl" "$nw" <<'PY' | tee -a "$OUT/session.log"
@@ -37,8 +37,8 @@ done
 log "training shapes and fashion_mnist for ${TRAIN_SECONDS}s"
 COMMON=(--set train.batch_size=128 --set train.steps=100000 --set train.mixed_precision=no --set train.device=cuda
         --set train.save_every=1000 --set train.sample_every=2000 --set train.log_every=100 -q)
-"${PK[@]}" train configs/shapes.yaml "${COMMON[@]}" --out "$W/shapes" > "$W/train_shapes.log" 2>&1 & P1=$!
-"${PK[@]}" train configs/fashion_mnist.yaml "${COMMON[@]}" --out "$W/fashion_mnist" > "$W/train_fashion_mnist.log" 2>&1 & P2=$!
+"${PK[@]}" train shapes "${COMMON[@]}" --out "$W/shapes" > "$W/train_shapes.log" 2>&1 & P1=$!
+"${PK[@]}" train fashion_mnist "${COMMON[@]}" --out "$W/fashion_mnist" > "$W/train_fashion_mnist.log" 2>&1 & P2=$!
 T0=$SECONDS
 bash scripts/cuda_smoke.sh "$W/smoke" > "$OUT/smoke.log" 2>&1; log "smoke: $(tail -1 "$OUT/smoke.log")"
 while [ $((SECONDS - T0)) -lt $TRAIN_SECONDS ] && { kill -0 $P1 2>/dev/null || kill -0 $P2 2>/dev/null; }; do sleep 2; done

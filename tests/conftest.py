@@ -64,7 +64,9 @@ def tiny_experiment(**sections: dict) -> dict:
                   "attention_resolutions": [4], "dropout": 0.1, "num_groups": 8},
         "diffusion": {"num_steps": 50, "schedule": "cosine"},
         "train": {"steps": 10, "batch_size": 8, "log_every": 1, "save_every": 3, "sample_every": 0,
-                  "ema_rates": [0.9, 0.99], "device": "cpu", "warmup_steps": 2, "lr": 1e-3},
+                  "ema_rates": [0.9, 0.99], "device": "cpu", "warmup_steps": 2, "lr": 1e-3,
+                  # fp32 whatever the host CPU (auto would pick bf16 on AMX machines); a small final grid
+                  "mixed_precision": "no", "num_preview": 4, "preview_steps": 4},
     }
     for name, values in sections.items():
         cfg[name] = {**cfg[name], **values}

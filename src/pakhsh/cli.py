@@ -143,18 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="say what was chosen (threads, ...)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a YAML config", description=(
-        "Train from a YAML config (see configs/). Override any key with --set section.key=value; unknown keys "
-        "are errors. `accelerate launch` or `torchrun` run the same command on several GPUs/processes."))
-    p.add_argument("config", nargs="?", help="YAML experiment config (default: built-in defaults)")
+    p = sub.add_parser("train", help="train a model from a shipped or YAML config", description=(
+        "Train from a shipped config (`pakhsh configs` lists them) or a YAML file. Override any key with --set "
+        "section.key=value; unknown keys are errors. `accelerate launch` or `torchrun` run the same command on "
+        "several GPUs/processes."))
+    p.add_argument("config", nargs="?",
+                   help="shipped config name (e.g. shapes) or YAML file (default: built-in defaults; with --resume: "
+                        "the run's own saved config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a config key, e.g. --set train.lr=1e-4 --set data.name=fashion_mnist")
-    p.add_argument("--out", help="run folder (same as --set train.out_dir=...)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the run folder's latest checkpoint")
+    p.add_argument("--out", help="run folder (same as --set train.out_dir=...; default: runs/NAME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the run folder's latest checkpoint; `--out RUN --resume` alone "
+                        "reuses the run's saved config (--set train.steps=N extends a finished run)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the folder (deletes its checkpoints, log and samples first)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("configs", aliases=["list"], help="list the shipped configs and models",
+                       description="The configs `pakhsh train NAME` takes and the models `pakhsh sample -m NAME` "
+                                   "takes, from any directory.")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("sample", help="sample images and write a PNG grid")
     _add_model_args(p)
@@ -292,19 +302,59 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import Trainer, load_experiment
+    from .training import Trainer
 
-    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
-    cfg = load_experiment(args.config, overrides)
+    cfg = _train_config(args)
     result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
     # only the main process reports, and only a checkpoint that is on disk
     if result.checkpoint is not None and result.checkpoint.is_dir():
         if result.interrupted:
             print(f"interrupted at step {result.step}; checkpoint: {result.checkpoint}; continue with --resume")
+        elif math.isnan(result.last_loss):  # a resumed run already at train.steps: nothing was trained
+            print(f"at step {result.step}; checkpoint: {result.checkpoint}")
         else:
             print(f"trained to step {result.step}; last loss {result.last_loss:.5f}; checkpoint: {result.checkpoint}")
     # stopped by a signal (after saving): exit as the shell expects, 128 + signal (130 Ctrl-C, 143 SIGTERM)
     return 128 + result.interrupted if result.interrupted else 0
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The experiment config of `pakhsh train`: a YAML or shipped config + --set, or with `--resume` and no config,
+    the run folder's own saved config + --set (the trainer still refuses changes other than resumable train.*)."""
+    from .training import load_experiment, load_run_config
+
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    if args.config is not None or not args.resume:
+        return load_experiment(args.config, overrides)
+    run = args.out or next((o.split("=", 1)[1] for o in reversed(args.overrides)
+                            if o.split("=", 1)[0].strip() == "train.out_dir"), None)
+    if not run:
+        raise ValueError("--resume without a config needs --out RUN: the run folder to continue")
+    return load_run_config(run, overrides)
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from .pipelines import shipped_models
+    from .training import config_summary, shipped_configs
+
+    configs = shipped_configs()
+    width = max(map(len, [*configs, *shipped_models(), ""]))
+    print("configs (pakhsh train NAME):")
+    for name, path in configs.items():
+        print(f"  {name:<{width}}  {config_summary(path)}")
+    print("models (pakhsh sample -m NAME):")
+    for name in shipped_models():
+        print(f"  {name:<{width}}  {_model_title(name)}")
+    return 0
+
+
+def _model_title(name: str) -> str:
+    """A shipped model's one-line description: the title of its model card (`# shapes: what it is`)."""
+    from .pipelines import resolve_model_path
+
+    card = resolve_model_path(name) / "README.md"
+    first = card.read_text(errors="replace").splitlines()[0] if card.is_file() else ""
+    return first.lstrip("#").strip().removeprefix(f"{name}:").strip()
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -88,6 +88,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(cfg, tmp_path, capsys):
     step = int(ckpt.name.split("_")[1])
     assert 2 <= step < 1000 and printed_checkpoint(out) == ckpt
     assert "SIGTERM: saving a checkpoint" in out and "--resume" in out
+    # after the checkpoint: something to look at, though sample_every=0 and the run stopped between log lines
+    assert (run / "loss.png").is_file() and (run / "samples" / f"step_{step:07d}.png").is_file()
     assert main(["train", str(cfg), "--out", str(run), "-q", "--resume", "--set", f"train.steps={step + 1}"]) == 0
     assert latest_checkpoint(run).name == f"step_{step + 1:07d}"
     assert printed_checkpoint(capsys.readouterr().out) == latest_checkpoint(run)
@@ -177,3 +179,51 @@ def test_config_errors_name_the_key(cfg, tmp_path, capsys):
     one_line_error(capsys, "train.lr=3e+38 is out of range")
     assert main(["train", str(cfg), *out, "--set", "model.num_classes=3"]) == 2
     one_line_error(capsys, "model.num_classes=3 but dataset 'shapes' has 6 classes")
+
+
+def test_resume_from_the_run_folder_alone(cfg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "-q"]) == 0
+    capsys.readouterr()
+    # no YAML, no --set repeated: the run's own config.json; a resumable train.* key extends the finished run
+    assert main(["train", "--out", str(run), "--resume", "-q", "--set", "train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from step 2 (checkpoint {run / 'checkpoints' / 'step_0000002'})" in out
+    assert "extending the finished run from step 2 to 3" in out
+    assert printed_checkpoint(out) == run / "checkpoints" / "step_0000003"
+    assert main(["train", "--out", str(run), "--resume", "-q"]) == 0  # at train.steps already: says so
+    out = capsys.readouterr().out
+    assert "resuming from step 3" in out and "nothing to train: the run is at step 3 and train.steps=3" in out
+    assert "extending" not in out
+    assert main(["train", "--out", str(run), "--resume", "-q", "--set", "train.lr=0.01"]) == 2
+    one_line_error(capsys, "--resume: the config differs from the checkpoint", "train.lr: 0.001 != 0.01")
+    assert main(["train", "--resume", "-q"]) == 2
+    one_line_error(capsys, "--resume without a config needs --out RUN")
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume", "-q"]) == 2
+    one_line_error(capsys, "nothing does not exist; give the run's folder as --out, or its YAML config too")
+
+
+@pytest.mark.parametrize("command", ["configs", "list"])
+def test_configs_lists_the_shipped_configs_and_models(command, tmp_path, monkeypatch, capsys):
+    from pakhsh.pipelines import shipped_models
+
+    monkeypatch.chdir(tmp_path)
+    assert main([command]) == 0
+    out = capsys.readouterr().out
+    assert "configs (pakhsh train NAME):" in out and "models (pakhsh sample -m NAME):" in out
+    assert re.search(r"^  shapes +The shipped `shapes` model: unconditional 32x32 RGB", out, re.M), out
+    assert re.search(r"^  cifar_iddpm +Improved DDPM's CIFAR-10 model on any 32x32 image folder", out, re.M), out
+    for name in shipped_models():
+        assert re.search(rf"^  {name} +\S", out.split("models (")[1], re.M), out
+
+
+def test_train_a_shipped_config_by_name_from_anywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["data.image_size=8", "data.length=8", "model.image_size=8", "model.model_channels=16",
+             "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[4]",
+             "model.num_groups=8", "diffusion.num_steps=20", "train.steps=1", "train.batch_size=4",
+             "train.device=cpu", "train.num_preview=2", "train.preview_steps=2", "train.mixed_precision=no"]
+    assert main(["train", "shapes", "-q", *[a for kv in small for a in ("--set", kv)]]) == 0
+    assert printed_checkpoint(capsys.readouterr().out) == Path("runs/shapes/checkpoints/step_0000001")
+    assert main(["train", "nosuch", "-q"]) == 2
+    one_line_error(capsys, "pakhsh train: error: config nosuch: not found", "shapes; see `pakhsh configs`")

@@ -39,3 +39,14 @@ def test_grey_models_give_mode_l_images() -> None:
         pytest.skip("no shipped fashion_mnist model")
     out = ImagePipeline.from_pretrained("fashion_mnist", device="cpu")(1, steps=1, progress=False)
     assert out.images[0].mode == "L" and out.labels is None
+
+
+def test_a_pakhsh_folder_whose_path_contains_class_name_is_not_taken_for_diffusers(tmp_path):
+    from pakhsh.pipelines import resolve_model_path
+    from pakhsh.pipelines.base import detect_source
+    from pakhsh.training import export_model
+
+    out = export_model(resolve_model_path("shapes"), tmp_path / "my_class_name_model")
+    cfg = out / "config.json"
+    cfg.write_text(cfg.read_text().replace('"name": "shapes"', '"name": "has _class_name in it"'))
+    assert detect_source(out) == "pakhsh"

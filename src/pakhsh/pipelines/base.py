@@ -86,8 +86,7 @@ def detect_source(path: Path) -> Literal["pakhsh", "diffusers", "openai"]:
                                "pakhsh models are folders (config.json + model.safetensors)")
     if (path / "model_index.json").is_file():
         return "diffusers"
-    config = path / "config.json"
-    if config.is_file() and "_class_name" in config.read_text(errors="replace")[:4096]:
+    if _is_diffusers_component(path / "config.json"):
         raise ModelSourceError(f"{path} is a diffusers component folder without a scheduler: give the pipeline "
                                "folder above it (model_index.json, unet/, scheduler/)")
     return "pakhsh"
@@ -122,6 +121,18 @@ def _pakhsh(path: Path, ema: bool) -> ResolvedModel:
         weights=loaded.weights, num_classes=m.num_classes, null_class=m.num_classes, config=cfg,
         class_names=_pakhsh_class_names(loaded.path, cfg),
     )  # fmt: skip
+
+
+def _is_diffusers_component(config: Path) -> bool:
+    """A diffusers model/scheduler config (it names its class under "_class_name"), not a pakhsh one. The JSON is
+    parsed: a path or value that merely contains the text must not decide it."""
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(errors="replace"))
+    except ValueError:
+        return False  # unreadable: the pakhsh loader reports it with its own message
+    return isinstance(data, dict) and "_class_name" in data
 
 
 CLASS_NAMES_FILE = "class_names.json"  # optional, beside config.json: a JSON list, name of label i at index i

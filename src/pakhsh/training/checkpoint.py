@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..interop.config import ConfigError, from_dict, to_dict
+from ..interop.config import ConfigError, apply_overrides, from_dict, to_dict
 from .ema import rate_name
 from .experiment import ExperimentConfig
 
@@ -349,6 +349,28 @@ def read_config(folder: Path) -> ExperimentConfig:
         raise CheckpointError(f"{cfg_path}: {_reason(e)}") from None
     except OSError as e:
         raise CheckpointError(f"{cfg_path} is unreadable: {_reason(e)}") from None
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config a run saved (its config.json, else its newest checkpoint's) + `key=value` overrides: what
+    `pakhsh train --out RUN --resume` continues with when no YAML is given."""
+    run = Path(run_dir)
+    found = run / "config.json" if (run / "config.json").is_file() else None
+    if found is None and (latest := latest_checkpoint(run)) is not None:
+        found = latest / "config.json"
+    if found is None:
+        what = "does not exist" if not run.exists() else "holds no run (no config.json)"
+        raise CheckpointError(f"--resume: {run} {what}; give the run's folder as --out, or its YAML config too")
+    try:
+        saved = json.loads(found.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{found} is unreadable: {_reason(e)}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{found} is not a config (a JSON object)")
+    try:
+        return from_dict(ExperimentConfig, apply_overrides(saved, overrides or []))
+    except ConfigError as e:
+        raise ConfigError(f"{found} + --set: {e}") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ..data import DataConfig
 from ..diffusion import DiffusionConfig
-from ..interop.config import apply_overrides, from_dict, load_yaml
+from ..interop.config import ConfigError, apply_overrides, from_dict, load_yaml
 from ..nets.unet import UNetConfig
 
 
@@ -32,7 +32,8 @@ class TrainConfig:
     ema_rates: tuple[float, ...] = (0.9999,)
     ema_warmup: bool = True  # cap the EMA rate at (1+step)/(10+step) early on (helps short runs)
     sample_ema: float | None = None  # which EMA previews and exports use (default: the first rate)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (fp16 on GPU only)
+    # autocast dtype (fp16 on GPU only); auto: bf16 where the device runs it natively, else no (see precision.py)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     timestep_sampler: Literal["uniform", "loss-aware"] = "uniform"
     class_dropout: float = 0.1  # class-conditional models: labels replaced by the null class (for CFG)
     seed: int = 0
@@ -42,7 +43,7 @@ class TrainConfig:
     num_preview: int = 16
     preview_steps: int = 100  # ancestral sampling steps of the preview grids
     keep_last: int = 3  # checkpoints kept on disk
-    out_dir: str = "runs/experiment"
+    out_dir: str | None = None  # None: runs/<name>
     device: str = "auto"  # "auto" lets accelerate choose (GPU when present)
     num_workers: int | None = None  # loader processes; None: auto (spare cores on a GPU, 0 on a CPU)
 
@@ -76,14 +77,82 @@ class TrainConfig:
 class ExperimentConfig:
     """Everything one training run needs; saved as config.json beside every checkpoint."""
 
-    name: str = "experiment"
+    name: str | None = None  # None: the image folder's name for data.name=folder, else "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # names of labels 0..N-1: recorded from the dataset when training starts, so pipelines take `--label cat`
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = _folder_name(self.data) or DEFAULT_NAME
+        if self.train.out_dir is None:
+            self.train.out_dir = f"runs/{self.name}"
+
+
+DEFAULT_NAME = "experiment"
+# the configs shipped inside the package: `pakhsh train NAME` finds them from any directory
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _folder_name(data: DataConfig) -> str | None:
+    """The image folder's own name (`/data/pets/` -> "pets"), for runs on data.name=folder."""
+    if data.name != "folder" or not data.path:
+        return None
+    return Path(data.path).expanduser().resolve().name or None
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """YAML file (or defaults) + `key.sub=value` overrides -> a checked ExperimentConfig."""
-    data: dict[str, Any] = load_yaml(path) if path else {}
-    return from_dict(ExperimentConfig, apply_overrides(data, overrides or []))
+    """YAML file or shipped config name (or defaults) + `key.sub=value` overrides -> a checked ExperimentConfig.
+
+    A run switched onto an image folder by the overrides (`pakhsh train shapes --set data.name=folder ...`) is
+    named after the folder: the YAML's name describes the dataset the YAML was written for."""
+    data: dict[str, Any] = load_yaml(resolve_config(path)) if path else {}
+    merged = apply_overrides(data, overrides or [])
+    if _name_is_about_another_dataset(data, merged, overrides or []):
+        merged.pop("name", None)
+    return from_dict(ExperimentConfig, merged)
+
+
+def _name_is_about_another_dataset(yaml: dict[str, Any], merged: dict[str, Any], overrides: list[str]) -> bool:
+    """True when the run is on a folder but its name came from a YAML written for another dataset."""
+    if _section(merged, "data").get("name") != "folder":
+        return False
+    named_here = any(o.split("=", 1)[0].strip() == "name" for o in overrides)
+    return not named_here and _section(yaml, "data").get("name") != "folder"
+
+
+def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = cfg.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> path of every config shipped in the package (`shapes` -> .../pakhsh/configs/shapes.yaml)."""
+    if not SHIPPED_CONFIGS.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def config_summary(path: Path) -> str:
+    """The first comment line of a YAML config: what it trains."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def resolve_config(spec: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config (`shapes`, `shapes.yaml`); an existing file wins."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    name = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else p.name
+    if name in shipped and p.parent == Path("."):
+        return shipped[name]
+    what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+    raise ConfigError(f"config {spec}: {what}; give a YAML file or a shipped config name "
+                      f"({', '.join(shipped) or 'none shipped'}; see `pakhsh configs`)")

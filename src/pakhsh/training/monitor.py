@@ -58,7 +58,7 @@ class RunLog:
     def plot_loss(self) -> Path | None:
         """loss.png beside the log: training loss (and its MSE / vb parts) against step, log scale."""
         recs = self.records()
-        if not self.enabled or len(recs) < 2:
+        if not self.enabled or not recs:
             return None
         import matplotlib
 
@@ -67,10 +67,11 @@ class RunLog:
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         steps = [r["step"] for r in recs]
+        marker = "o" if len(recs) < 20 else None  # a short run's few points must show, not one invisible dot
         for key in ("loss", "mse", "vb"):
             vals = [r.get(key, 0.0) for r in recs]
             if any(v > 0 for v in vals):
-                ax.plot(steps, vals, label=key)
+                ax.plot(steps, vals, label=key, marker=marker)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -92,6 +93,22 @@ def _parse_record(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
+def describe_data(ds: Any, data: Any, num_classes: int | None) -> str:
+    """One line saying what training found: "folder /x: 50 images in 5 classes (astro, cat, ...)"."""
+    where = f"folder {data.path}" if data.name == "folder" else f"dataset {data.name}"
+    names = getattr(ds, "class_names", None)
+    count = getattr(ds, "num_classes", None) or (len(names) if names else None)
+    if not count:
+        if data.name == "folder":
+            return f"{where}: {len(ds):,} images, unlabelled (one subfolder per class makes classes)"
+        return f"{where}: {len(ds):,} images, unlabelled"
+    listed = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
+    line = f"{where}: {len(ds):,} images in {count} classes{listed}"
+    if num_classes is None:
+        line += f"; the model is unconditional (model.num_classes={count} would condition on them)"
+    return line
 
 
 @torch.no_grad()

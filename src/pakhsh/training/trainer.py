@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,7 +44,8 @@ from .ema import EMA, rate_name
 from .experiment import ExperimentConfig, TrainConfig
 from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
 from .lock import RunLock
-from .monitor import RunLog, save_preview
+from .monitor import RunLog, describe_data, save_preview
+from .precision import choose_precision
 
 # train.* keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = {"steps", "log_every", "save_every", "sample_every", "num_preview", "preview_steps", "keep_last",
@@ -76,18 +77,22 @@ class Trainer:
         tc = cfg.train
         if resume and overwrite:
             raise ValueError("--resume continues the run in the folder and --overwrite deletes it: use one of them")
-        if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # the autocast actually used; cfg keeps "auto" so that a resumed run compares equal (see _comparable)
+        self.precision, why = choose_precision(tc.mixed_precision, tc.device)
+        if self.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
         self.cfg, self.progress = cfg, progress
-        self.out = Path(tc.out_dir)
+        self.out = Path(tc.out_dir or f"runs/{cfg.name}")
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self._check_model_fits()
-        self.acc = _make_accelerator(tc)
+        self.acc = _make_accelerator(tc, self.precision)
+        self.acc.print(f"mixed precision: {self.precision} ({why})")
         self.lock = RunLock(self.out)  # main process only: one writer per run folder
         self.resumed_from: Path | None = None
         self._saved: Path | None = None  # the newest checkpoint this trainer wrote
         self._saved_step: int | None = None
         self._stop_signal: int | None = None
+        self._previewed_step: int | None = None
         try:
             self._setup(resume, overwrite, dataset)
         except BaseException:
@@ -97,6 +102,13 @@ class Trainer:
     def _setup(self, resume: bool, overwrite: bool, dataset: Dataset | None) -> None:
         cfg, tc = self.cfg, self.cfg.train
         self._on_main(lambda: self._claim_run_folder(resume, overwrite), "could not take the run folder")
+        # the data first: a wrong path or class count fails before any model is built, and the class names go
+        # into the config before a resume compares it with the checkpoint's
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data)
+        self._check_labels_fit()
+        self._record_class_names()
+        cfg = self.cfg
+        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes))
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.net = UNet(cfg.model)
         self.ema = EMA(self.net, tc.ema_rates)
@@ -112,11 +124,9 @@ class Trainer:
             damaged = self._resume(opt)
         self.model, self.opt = self.acc.prepare(self.net, opt)
         self.ema.to(self.acc.device)  # the averages live where accelerate put the weights (GPU)
-        self.dataset = dataset if dataset is not None else build_dataset(cfg.data)
-        self._check_labels_fit()
         self.log = RunLog(self.out, enabled=self.acc.is_main_process, tensorboard=True)
         if self.acc.is_main_process:
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2, sort_keys=True) + "\n")
             self.log.truncate_after(self.step)
             for folder in damaged:  # every process has read the checkpoints by now (prepare synchronises)
                 _set_aside(folder)
@@ -147,6 +157,19 @@ class Trainer:
         if have != want:
             raise ValueError(f"model.num_classes={want} but dataset '{name}' has {have} classes; "
                              f"set model.num_classes={have}")
+
+    def _record_class_names(self) -> None:
+        """Save the dataset's class names in the run's config: pipelines then take `--label cat` for its model."""
+        found = getattr(self.dataset, "class_names", None)
+        if found is None:
+            return
+        found = [str(c) for c in found]
+        given = self.cfg.class_names
+        if given is not None and list(given) != found:
+            raise ValueError(f"class_names={_short_list(given)} but dataset '{self.cfg.data.name}' has the classes "
+                             f"{_short_list(found)}: the data changed since the run started, or the config names "
+                             "other classes (class_names is filled from the data; leave it out)")
+        self.cfg = replace(self.cfg, class_names=found)
 
     def _claim_run_folder(self, resume: bool, overwrite: bool) -> None:
         """Lock the run folder (and prove it writable) before any work; refuse to train over another run."""
@@ -211,14 +234,48 @@ class Trainer:
                 self._notice(f"resuming from {folder} (step {self.step}), the newest good checkpoint; "
                              "the damaged ones are renamed to *.damaged")
             self.resumed_from = folder
+            if self.cfg.class_names is None:
+                self.cfg = replace(self.cfg, class_names=found.config.class_names)
+            self._announce_resume(found)
             return folders[:i]
         raise TrainingError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}: " + " | ".join(problems))
 
     def _check_same_config(self, found: ResumeState) -> None:
-        diffs = [d for d in config_diff(found.config, self.cfg)
+        saved, now = self._comparable(found.config), self._comparable(self.cfg)
+        # names are compared where both sides know them: runs saved before names were recorded have none, and
+        # a dataset object handed in may not say (the run then keeps the names it recorded)
+        if saved["class_names"] is None or now["class_names"] is None:
+            saved["class_names"] = now["class_names"] = None
+        diffs = [d for d in config_diff(saved, now)
                  if not (d.startswith("train.") and d.split(":")[0][6:] in RESUMABLE_KEYS)]
         if diffs:
-            raise TrainingError(f"--resume: the config differs from the checkpoint {found.folder}: " + "; ".join(diffs))
+            hint = ""
+            if any(d.startswith("train.mixed_precision") for d in diffs):
+                hint = f" (train.mixed_precision=auto is {self._auto_precision()} on this machine)"
+            raise TrainingError(f"--resume: the config differs from the checkpoint {found.folder}: "
+                                + "; ".join(diffs) + hint)
+
+    def _auto_precision(self) -> str:
+        return choose_precision("auto", self.cfg.train.device)[0]
+
+    def _comparable(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """A config as a dict with train.mixed_precision=auto replaced by what auto chooses here: "auto" and the
+        setting it stands for are the same run, whichever of them the checkpoint or the command line says."""
+        d = to_dict(cfg)
+        if d["train"]["mixed_precision"] == "auto":
+            d["train"]["mixed_precision"] = self._auto_precision()
+        return d
+
+    def _announce_resume(self, found: ResumeState) -> None:
+        """Say where the run continues from, whether it extends a finished run, and whether "auto" now picks
+        another autocast than the run trained with (the steps then differ from an uninterrupted run's)."""
+        self.acc.print(f"resuming from step {self.step} (checkpoint {found.folder})")
+        if self.step >= found.config.train.steps and self.cfg.train.steps > self.step:
+            self.acc.print(f"extending the finished run from step {self.step} to {self.cfg.train.steps}")
+        before = found.state.get("mixed_precision")
+        if isinstance(before, str) and before != self.precision:
+            self._notice(f"the run trained with mixed precision {before} up to step {self.step} and continues "
+                         f"with {self.precision}: the steps from here differ from an uninterrupted run's")
 
     def _load(self, found: ResumeState, opt: torch.optim.Optimizer) -> None:
         """Put a checked checkpoint into the network, EMA, optimizer and timestep sampler."""
@@ -250,6 +307,10 @@ class Trainer:
                    desc=self.cfg.name, unit="step", dynamic_ncols=True)
         last_loss, window, t0 = float("nan"), [], time.time()
         stopped = False
+        start = self.step
+        if self.step >= tc.steps:
+            self.acc.print(f"nothing to train: the run is at step {self.step} and train.steps={tc.steps}; extend "
+                           f"it with --resume --set train.steps=N (N > {self.step})")
         try:
             while self.step < tc.steps and not stopped:
                 stats = self._train_step(batches)
@@ -268,9 +329,13 @@ class Trainer:
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
                     self.save()
             if stopped:
+                if window:  # the steps since the last log line belong in the log and the loss curve
+                    self._log_window(window, time.time() - t0)
                 self.save()
                 self._stop_signal = self._stop_signal or signal.SIGTERM  # told by another process
                 self.acc.print(f"interrupted: saved step {self.step} to {self._saved}")
+            if self.step > start:  # something was trained in this call
+                self._final_outputs()
         finally:
             bar.close()
             for sig, old in old_handlers.items():
@@ -309,7 +374,7 @@ class Trainer:
             )
         # without clipping, an infinite max norm still measures the norm (and clips nothing)
         grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf))
-        if not math.isfinite(grad_norm) and tc.mixed_precision != "fp16":  # fp16: the grad scaler skips the step
+        if not math.isfinite(grad_norm) and self.precision != "fp16":  # fp16: the grad scaler skips the step
             raise TrainingError(f"gradient norm became {grad_norm} at step {self.step + 1}; stopping before the "
                                 f"update. Last good checkpoint: {self._last_good()}")
         self.opt.step()
@@ -384,7 +449,7 @@ class Trainer:
 
     def _checkpoint_files(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step, "micro_batch": self.step * self.cfg.train.grad_accum,
-                                 "seed": self.cfg.train.seed}
+                                 "seed": self.cfg.train.seed, "mixed_precision": self.precision}
         if isinstance(self.t_sampler, LossAwareSampler):
             sd = self.t_sampler.state_dict()
             state["loss_history"] = torch.from_numpy(sd["loss_history"])
@@ -407,10 +472,24 @@ class Trainer:
                 continue
         return "none yet"
 
-    def preview(self) -> None:
-        """A grid of EMA samples (fixed seed, so grids are comparable across steps)."""
-        if self.acc.is_main_process:
-            save_preview(self, self.out / "samples" / f"step_{self.step:07d}.png")
+    def preview(self) -> Path | None:
+        """A grid of EMA samples (fixed seed, so grids are comparable across steps); its path on the main process."""
+        self._previewed_step = self.step
+        if not self.acc.is_main_process or self.cfg.train.num_preview < 1:
+            return None
+        return save_preview(self, self.out / "samples" / f"step_{self.step:07d}.png")
+
+    def _final_outputs(self) -> None:
+        """The loss curve and a sample grid of the final weights, whatever log_every and sample_every are: every
+        run, a short or an interrupted one too, leaves something to look at (written after the checkpoint)."""
+        grid = self.preview() if self._previewed_step != self.step else self._grid_path()
+        curve = self.log.plot_loss() if self.acc.is_main_process else None
+        shown = [str(p) for p in (curve, grid) if p is not None and p.is_file()]
+        if shown:
+            self.acc.print(f"wrote {' and '.join(shown)}")
+
+    def _grid_path(self) -> Path:
+        return self.out / "samples" / f"step_{self.step:07d}.png"
 
     def _install_stop_handlers(self) -> dict[int, Any]:
         """Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers, torchrun) finish the current step, save a checkpoint
@@ -441,7 +520,7 @@ def _env_world_size() -> int:
     return 1
 
 
-def _make_accelerator(tc: TrainConfig) -> Any:
+def _make_accelerator(tc: TrainConfig, precision: str) -> Any:
     """An Accelerator for train.device, checked: a named GPU must exist, and N launched processes must form one
     data-parallel run (never N independent trainers writing one folder)."""
     from accelerate import Accelerator
@@ -466,7 +545,7 @@ def _make_accelerator(tc: TrainConfig) -> Any:
     if world > 1 and not cpu and local > gpus:  # NCCL cannot put two processes on one GPU
         raise ValueError(f"{local} processes on this machine but {gpus} GPU(s): launch one process per GPU "
                          f"(--nproc_per_node {gpus}) or set train.device=cpu")
-    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu)
+    acc = Accelerator(mixed_precision=precision, cpu=cpu)
     if acc.num_processes != world:
         raise TrainingError(
             f"{world} processes were launched (WORLD_SIZE={world}) but accelerate set up {acc.num_processes} "
@@ -477,6 +556,11 @@ def _make_accelerator(tc: TrainConfig) -> Any:
         raise TrainingError(f"train.device={device} but accelerate chose {acc.device} (ACCELERATE_USE_CPU set, or "
                             "accelerate already initialised on CPU in this process)")
     return acc
+
+
+def _short_list(names: list[str], limit: int = 8) -> str:
+    """[a, b, c, ...]: class lists in one-line messages stay one line."""
+    return "[" + ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") + "]"
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, dataset: str) -> None:
