@@ -60,7 +60,8 @@ def to_markdown(model: str, rows: list[dict], device: str) -> str:
     ref = ref or next((r for r in rows if r["sampler"] == "ddpm"), None)
     head = (f"| sampler | steps | FID | KID x1e3 | vs ancestral-{ref['steps'] if ref else '?'} "
             f"| seconds ({device}, incl. scoring) |")
-    lines = [f"### {model}: {rows[0]['label'].split('-')[0]}-{rows[0]['n']}", "", head, "|---|---|---|---|---|---|"]
+    lines = [f"### {model}: {rows[0]['label']} (and KID) against the training split", "", head,
+             "|---|---|---|---|---|---|"]
     for r in rows:
         name = r["sampler"] + (f" (eta={r['eta']:g})" if r["sampler"] == "ddim" else "")
         rel = f"{r['fid'] / ref['fid']:.2f}x" if ref else "-"
