@@ -144,3 +144,12 @@ def test_every_run_ends_with_a_loss_curve_and_a_sample_grid(tiny_yaml, tmp_path,
     assert (run / "loss.png").is_file() and grid.is_file()
     assert Image.open(grid).size[0] > 8  # the num_preview=4 grid, not a single image
     assert f"wrote {run / 'loss.png'} and {grid}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_AMX", True)])
+def test_auto_precision_respects_a_onednn_isa_cap(monkeypatch, cap, native):
+    from pakhsh.training import precision
+
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda text: {"amx_bf16", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert (precision.choose_precision("auto", "cpu")[0] == "bf16") is native

@@ -6,6 +6,7 @@ AVX-512 BF16. On other CPUs oneDNN emulates it and a training step runs several 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ CPUINFO = Path("/proc/cpuinfo")
 def cpu_bf16_features() -> list[str]:
     """The native-bf16 features of this CPU: /proc/cpuinfo flags on Linux, else whatever torch's capability
     string reveals (today it says only AVX512/AVX2, which does not imply bf16, so elsewhere this is empty)."""
+    if _onednn_isa_capped():
+        return []
     if sys.platform.startswith("linux"):
         try:
             flags = _cpuinfo_flags(CPUINFO.read_text(errors="replace"))
@@ -27,6 +30,18 @@ def cpu_bf16_features() -> list[str]:
         return [f for f in CPU_BF16_FLAGS if f in flags]
     cap = str(torch.backends.cpu.get_cpu_capability()).lower()
     return [cap] if "bf16" in cap or "amx" in cap else []
+
+
+# oneDNN ISA names that include native bf16 (ONEDNN_MAX_CPU_ISA caps what its kernels may use)
+_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+              "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "DEFAULT", "ALL")
+
+
+def _onednn_isa_capped() -> bool:
+    """ONEDNN_MAX_CPU_ISA set below bf16 (e.g. AVX2, to reproduce an older CPU): oneDNN then emulates bf16 even
+    where the CPU has it, so auto must choose fp32 too."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return bool(cap) and cap not in _BF16_ISAS
 
 
 def _cpuinfo_flags(text: str) -> set[str]:
