@@ -287,3 +287,15 @@ def test_checkpoint_manifest_lists_every_file(tiny_yaml, tmp_path):
     folder = latest_checkpoint(tmp_path / "run")
     sizes = json.loads((folder / "manifest.json").read_text())
     assert sorted(sizes) == sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+
+
+def test_two_trainers_with_different_precisions_in_one_process(tmp_path):
+    """A notebook trains twice: accelerate's per-process state must not refuse the second precision."""
+    from pakhsh.interop.config import from_dict
+    from pakhsh.training import ExperimentConfig, Trainer
+    from tests.conftest import tiny_experiment
+
+    for i, precision in enumerate(("no", "bf16")):
+        cfg = from_dict(ExperimentConfig, tiny_experiment(train={"steps": 1, "mixed_precision": precision,
+                                                                  "out_dir": str(tmp_path / f"r{i}")}))
+        assert Trainer(cfg, progress=False).fit().step == 1

@@ -524,6 +524,7 @@ def _make_accelerator(tc: TrainConfig, precision: str) -> Any:
     """An Accelerator for train.device, checked: a named GPU must exist, and N launched processes must form one
     data-parallel run (never N independent trainers writing one folder)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     world, device = _env_world_size(), tc.device
     if device.startswith("cuda"):
@@ -545,6 +546,9 @@ def _make_accelerator(tc: TrainConfig, precision: str) -> Any:
     if world > 1 and not cpu and local > gpus:  # NCCL cannot put two processes on one GPU
         raise ValueError(f"{local} processes on this machine but {gpus} GPU(s): launch one process per GPU "
                          f"(--nproc_per_node {gpus}) or set train.device=cpu")
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
+    # a notebook or script that trains twice must not fail, so clear it (the process group, PartialState, stays)
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=precision, cpu=cpu)
     if acc.num_processes != world:
         raise TrainingError(
