@@ -50,7 +50,15 @@ def image_format(path: str | Path, flag: str = "path") -> str:
 def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Save a (H, W, C) uint8 array in the format its suffix names (optionally upscaled by an integer factor,
     nearest), atomically: a reader never sees half a file."""
-    fmt = image_format(path)
+    return _save(array, path, image_format(path), scale)
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Save a (H, W, C) uint8 array as PNG whatever the suffix (see `save_image` for suffix-chosen formats)."""
+    return _save(array, path, "PNG", scale)
+
+
+def _save(array: np.ndarray, path: str | Path, fmt: str, scale: int) -> Path:
     arr = array[..., 0] if array.shape[-1] == 1 else array
     img = Image.fromarray(arr)
     if scale > 1:
@@ -59,20 +67,6 @@ def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     img.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    os.replace(tmp, p)
-    return p
-
-
-def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    """Save a (H, W, C) uint8 array as PNG whatever the suffix (see `save_image` for suffix-chosen formats)."""
-    arr = array[..., 0] if array.shape[-1] == 1 else array
-    img = Image.fromarray(arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    img.save(tmp, format="PNG")
     os.replace(tmp, p)
     return p
 
