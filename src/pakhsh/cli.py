@@ -374,7 +374,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     written = [str(path)]
     if args.singles:
         save_images(x, args.singles)
-        written.append(f"{args.singles}/")
+        written.append(args.singles.rstrip("/") + "/")
     if args.npz:
         written.append(str(save_npz(x, args.npz, pipe.labels_for(labels, args.num))))
     print(f"wrote {x.shape[0]} samples to {' and '.join(written)}")
