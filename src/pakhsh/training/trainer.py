@@ -41,7 +41,8 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .ema import EMA, rate_name
-from .experiment import ExperimentConfig, TrainConfig
+from .distributed import TrainingError, make_accelerator
+from .experiment import ExperimentConfig
 from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
 from .lock import RunLock
 from .monitor import RunLog, describe_data, save_preview
@@ -55,10 +56,6 @@ RESUMABLE_KEYS = {"steps", "log_every", "save_every", "sample_every", "num_previ
 # weights beyond this are a blow-up (healthy UNet weights stay below ~10): such a state is never saved
 MAX_SANE_WEIGHT = 1e6
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, bad resume); the message names the step and last good checkpoint."""
 
 
 @dataclass
@@ -85,7 +82,7 @@ class Trainer:
         self.out = Path(tc.out_dir or f"runs/{cfg.name}")
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self._check_model_fits()
-        self.acc = _make_accelerator(tc, self.precision)
+        self.acc = make_accelerator(tc, self.precision)
         self.acc.print(f"mixed precision: {self.precision} ({why})")
         self.lock = RunLock(self.out)  # main process only: one writer per run folder
         self.resumed_from: Path | None = None
@@ -508,58 +505,6 @@ class Trainer:
             except ValueError:  # not the main thread: leave signals alone
                 break
         return old
-
-
-def _env_world_size() -> int:
-    """The number of processes the launcher started (torchrun / accelerate launch / MPI), 1 when unlaunched."""
-    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        try:
-            return max(1, int(os.environ[var]))
-        except (KeyError, ValueError):
-            continue
-    return 1
-
-
-def _make_accelerator(tc: TrainConfig, precision: str) -> Any:
-    """An Accelerator for train.device, checked: a named GPU must exist, and N launched processes must form one
-    data-parallel run (never N independent trainers writing one folder)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    world, device = _env_world_size(), tc.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
-                             "False); use train.device=cpu or auto")
-        if ":" in device:
-            index, count = int(device.split(":")[1]), torch.cuda.device_count()
-            if index >= count:
-                raise ValueError(f"train.device={device}: there are {count} CUDA device(s) here (cuda:0 .. "
-                                 f"cuda:{count - 1})")
-            if world > 1:
-                raise ValueError(f"train.device={device} names one GPU but {world} processes were launched; use "
-                                 "train.device=cuda or auto (each process takes its own GPU)")
-            torch.cuda.set_device(index)  # accelerate's single-process device is the current CUDA device
-    # accelerate sets up gloo data parallel over several CPU processes only when told cpu=True
-    cpu = device == "cpu" or (device == "auto" and world > 1 and not torch.cuda.is_available())
-    local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
-    if world > 1 and not cpu and local > gpus:  # NCCL cannot put two processes on one GPU
-        raise ValueError(f"{local} processes on this machine but {gpus} GPU(s): launch one process per GPU "
-                         f"(--nproc_per_node {gpus}) or set train.device=cpu")
-    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
-    # a notebook or script that trains twice must not fail, so clear it (the process group, PartialState, stays)
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=precision, cpu=cpu)
-    if acc.num_processes != world:
-        raise TrainingError(
-            f"{world} processes were launched (WORLD_SIZE={world}) but accelerate set up {acc.num_processes} "
-            f"({acc.distributed_type}); launch with `torchrun --nproc_per_node {world} -m pakhsh.cli train ...` or "
-            f"`accelerate launch --multi_gpu --num_processes {world} -m pakhsh.cli train ...` (CPUs too)"
-        )
-    if device.startswith("cuda") and acc.device.type != "cuda":
-        raise TrainingError(f"train.device={device} but accelerate chose {acc.device} (ACCELERATE_USE_CPU set, or "
-                            "accelerate already initialised on CPU in this process)")
-    return acc
 
 
 def _short_list(names: list[str], limit: int = 8) -> str:

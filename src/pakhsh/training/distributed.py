@@ -1,0 +1,67 @@
+"""Processes and devices for training: how many processes a launcher started, and an Accelerator that forms
+one data-parallel run of them on the device train.device names (never N independent trainers)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .experiment import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged loss, bad resume); the message names the step and last good checkpoint."""
+
+
+def env_world_size() -> int:
+    """The number of processes the launcher started (torchrun / accelerate launch / MPI), 1 when unlaunched."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def make_accelerator(tc: TrainConfig, precision: str) -> Any:
+    """An Accelerator for train.device, checked: a named GPU must exist, and N launched processes must form one
+    data-parallel run (never N independent trainers writing one folder)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    world, device = env_world_size(), tc.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                             "False); use train.device=cpu or auto")
+        if ":" in device:
+            index, count = int(device.split(":")[1]), torch.cuda.device_count()
+            if index >= count:
+                raise ValueError(f"train.device={device}: there are {count} CUDA device(s) here (cuda:0 .. "
+                                 f"cuda:{count - 1})")
+            if world > 1:
+                raise ValueError(f"train.device={device} names one GPU but {world} processes were launched; use "
+                                 "train.device=cuda or auto (each process takes its own GPU)")
+            torch.cuda.set_device(index)  # accelerate's single-process device is the current CUDA device
+    # accelerate sets up gloo data parallel over several CPU processes only when told cpu=True
+    cpu = device == "cpu" or (device == "auto" and world > 1 and not torch.cuda.is_available())
+    local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+    if world > 1 and not cpu and local > gpus:  # NCCL cannot put two processes on one GPU
+        raise ValueError(f"{local} processes on this machine but {gpus} GPU(s): launch one process per GPU "
+                         f"(--nproc_per_node {gpus}) or set train.device=cpu")
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
+    # a notebook or script that trains twice must not fail, so clear it (the process group, PartialState, stays)
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision=precision, cpu=cpu)
+    if acc.num_processes != world:
+        raise TrainingError(
+            f"{world} processes were launched (WORLD_SIZE={world}) but accelerate set up {acc.num_processes} "
+            f"({acc.distributed_type}); launch with `torchrun --nproc_per_node {world} -m pakhsh.cli train ...` or "
+            f"`accelerate launch --multi_gpu --num_processes {world} -m pakhsh.cli train ...` (CPUs too)"
+        )
+    if device.startswith("cuda") and acc.device.type != "cuda":
+        raise TrainingError(f"train.device={device} but accelerate chose {acc.device} (ACCELERATE_USE_CPU set, or "
+                            "accelerate already initialised on CPU in this process)")
+    return acc
