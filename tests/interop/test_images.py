@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import struct
 import warnings
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,22 +11,7 @@ from PIL import Image
 
 import pakhsh.data.image_folder as image_folder
 from pakhsh.interop.images import load_image
-
-
-def noise(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path)
-    return path
-
-
-def png_header(path: Path, width: int, height: int) -> Path:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
+from tests.conftest import noise, png_header
 
 
 def test_decompression_bomb_names_file_and_size(tmp_path):
