@@ -129,7 +129,7 @@ def run_dir(name: str, b: Budget = BUDGET) -> Path:
 
 def ensure_run(name: str, b: Budget = BUDGET) -> Path:
     """Train the named run unless a finished one is cached; resumes a partial one. Returns its folder."""
-    from pakhsh.interop.config import from_dict
+    from pakhsh.config import from_dict
     from pakhsh.training import Trainer
     from pakhsh.training.checkpoint import latest_checkpoint
     from pakhsh.training.experiment import ExperimentConfig
@@ -321,7 +321,7 @@ def training_flops(cfg: dict[str, Any], steps: int) -> float:
     counted by torch's FlopCounterMode on one 32x32 image (matmuls and convolutions, 2 FLOPs per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pakhsh.interop.config import from_dict
+    from pakhsh.config import from_dict
     from pakhsh.nets.unet import UNet, UNetConfig
 
     net = UNet(from_dict(UNetConfig, cfg["model"])).eval()
@@ -333,7 +333,7 @@ def training_flops(cfg: dict[str, Any], steps: int) -> float:
 
 
 def num_params(cfg: dict[str, Any]) -> int:
-    from pakhsh.interop.config import from_dict
+    from pakhsh.config import from_dict
     from pakhsh.nets.unet import UNet, UNetConfig
 
     return sum(p.numel() for p in UNet(from_dict(UNetConfig, cfg["model"])).parameters())

@@ -63,7 +63,7 @@ def variation_grid(pipe) -> tuple[torch.Tensor, dict[int, float]]:
 
 
 def main() -> None:
-    from pakhsh.interop.images import save_grid
+    from pakhsh.imageio import save_grid
     from pakhsh.pipelines import ImagePipeline
 
     started = c.setup()

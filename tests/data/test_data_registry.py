@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pakhsh.data import DataConfig, Truncated, build_dataset, dataset_info
-from pakhsh.interop.config import ConfigError, from_dict
+from pakhsh.config import ConfigError, from_dict
 
 
 def test_config_is_strict():

@@ -16,7 +16,7 @@ from pakhsh.data.transforms import (
     random_hflip,
     resize_shorter,
 )
-from pakhsh.interop.config import ConfigError, from_dict
+from pakhsh.config import ConfigError, from_dict
 
 
 def roundtrip(img: Image.Image, tmp_path, name: str) -> Image.Image:

@@ -11,7 +11,7 @@ import yaml
 
 from pakhsh.cli import main
 from pakhsh.data import DataConfig, build_dataset
-from pakhsh.interop.images import save_images
+from pakhsh.imageio import save_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples", "ignore:KID subset size", "ignore:IS.*splits")
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import pakhsh
 import pakhsh.cli as cli
 from pakhsh.cli import choose_threads, main
-from pakhsh.interop.config import from_dict, to_dict
+from pakhsh.config import from_dict, to_dict
 from pakhsh.nets.unet import UNet
 from pakhsh.pipelines import ImagePipeline, SampleSettings
 from pakhsh.training.experiment import ExperimentConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pakhsh.interop.config import ConfigError
+from pakhsh.config import ConfigError
 from pakhsh.training import load_experiment
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, UNet2DModel  # noqa: E402
 
 from pakhsh.cli import main  # noqa: E402
-from pakhsh.interop.config import from_dict, to_dict  # noqa: E402
+from pakhsh.config import from_dict, to_dict  # noqa: E402
 from pakhsh.interop.diffusers import (  # noqa: E402
     UnmappableError,
     ddpm_timesteps,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import pakhsh.data.image_folder as image_folder
-from pakhsh.interop.images import load_image
+from pakhsh.imageio import load_image
 from tests.conftest import noise, png_header
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pakhsh.data import DataConfig, build_dataset
 from pakhsh.evaluation import EvalConfig, evaluate, image_folder
-from pakhsh.interop.images import save_images
+from pakhsh.imageio import save_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples", "ignore:KID subset size")
 

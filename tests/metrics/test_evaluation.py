@@ -11,7 +11,7 @@ import torch
 from pakhsh.data import DataConfig, build_dataset
 from pakhsh.data.image_folder import CorruptImageError
 from pakhsh.evaluation import EvalConfig, evaluate, load_extractor, shipped_feature_nets
-from pakhsh.interop.images import save_images
+from pakhsh.imageio import save_images
 from pakhsh.metrics import FeatureNetExtractor
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples", "ignore:KID subset size")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pakhsh.interop.config import ConfigError, from_dict, to_dict
+from pakhsh.config import ConfigError, from_dict, to_dict
 from pakhsh.nets.attention import AttentionBlock
 from pakhsh.nets.layers import GroupNorm, ResBlock, num_groups_for, timestep_embedding
 from pakhsh.nets.unet import UNet, UNetConfig

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 import pakhsh.training.precision as precision
-from pakhsh.interop.config import ConfigError
+from pakhsh.config import ConfigError
 from pakhsh.training import Trainer, TrainConfig, TrainingError, load_experiment, shipped_configs
 from pakhsh.training.precision import choose_precision
 from tests.conftest import tiny_experiment

@@ -291,7 +291,7 @@ def test_checkpoint_manifest_lists_every_file(tiny_yaml, tmp_path):
 
 def test_two_trainers_with_different_precisions_in_one_process(tmp_path):
     """A notebook trains twice: accelerate's per-process state must not refuse the second precision."""
-    from pakhsh.interop.config import from_dict
+    from pakhsh.config import from_dict
     from pakhsh.training import ExperimentConfig, Trainer
     from tests.conftest import tiny_experiment
 

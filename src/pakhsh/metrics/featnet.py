@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pakhsh.interop.config import ConfigError, load_json, save_json
+from pakhsh.config import ConfigError, load_json, save_json
 from pakhsh.metrics.weights import WeightsMismatchError, WeightsNotFoundError, load_strict, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"

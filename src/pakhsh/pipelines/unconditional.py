@@ -78,7 +78,7 @@ class PipelineOutput:
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(N, C, H, W) in [-1, 1] -> N PIL images (mode L for one channel, RGB for three)."""
-    from ..interop.images import to_uint8
+    from ..imageio import to_uint8
 
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(x)]
 

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..interop.config import ConfigError, apply_overrides, from_dict, to_dict
+from ..config import ConfigError, apply_overrides, from_dict, to_dict
 from .ema import rate_name
 from .experiment import ExperimentConfig
 

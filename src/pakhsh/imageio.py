@@ -102,8 +102,8 @@ def load_image(path: str | Path, size: int | None = None, channels: int = 3) -> 
     Refuses images too large to decode safely (see `pakhsh.data.image_folder.MAX_PIXELS`), and warns, naming the
     file, when the image is so much smaller than `size` that the upscaled input is mostly blur.
     """
-    from ..data.image_folder import CorruptImageError, is_small, open_image
-    from ..data.transforms import ImageTransform  # data owns mode conversion (16-bit, CMYK, palette, alpha)
+    from .data.image_folder import CorruptImageError, is_small, open_image
+    from .data.transforms import ImageTransform  # data owns mode conversion (16-bit, CMYK, palette, alpha)
 
     p = Path(path)
     if not p.is_file():
