@@ -4,7 +4,10 @@ Structure (improved-diffusion's `UNetModel`): conv_in -> per level `num_res_bloc
 chosen resolutions) and a downsample -> middle (ResBlock, attention, ResBlock) -> mirrored decoder with
 `num_res_blocks + 1` ResBlocks per level fed by skip connections -> GroupNorm, SiLU, zero-initialised conv_out.
 
-The network knows nothing about diffusion: `t` is just a number embedded sinusoidally, `y` an optional label.
+The network knows nothing about diffusion: `t` is just a number embedded sinusoidally, `y` an optional label,
+`concat` optional condition channels stacked onto the input (Palette's degraded image and mask), `context`
+optional condition tokens (text) read by cross-attention: with `context_dim` set, every attention block is a
+latent-diffusion `SpatialTransformer` instead (Stable Diffusion's UNet).
 Label `num_classes` is the *null class* (unconditional), the slot classifier-free guidance drops labels to.
 """
 
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from pakhsh.nets.attention import AttentionBlock, resolve_heads
 from pakhsh.nets.layers import Downsample, ResBlock, Resample, Upsample, norm, timestep_embedding, zero_module
+from pakhsh.nets.transformer import SpatialTransformer
 
 
 @dataclass
@@ -25,7 +29,8 @@ class UNetConfig:
     """Hyper-parameters of the ADM UNet (defaults: the Improved DDPM CIFAR-10 model)."""
 
     image_size: int = 32  # training resolution; any H, W divisible by the total downsampling also work
-    in_channels: int = 3  # x_t channels, plus any conditions concatenated to it (e.g. 6 for Palette)
+    in_channels: int = 3  # x_t channels
+    cond_channels: int = 0  # condition channels concatenated to x_t (Palette: degraded image + mask = 4)
     model_channels: int = 128  # width of the first level
     out_channels: int = 3  # predicted channels; doubled when learn_sigma
     num_res_blocks: int = 3  # ResBlocks per encoder level (decoder has one more)
@@ -40,6 +45,9 @@ class UNetConfig:
     resblock_updown: bool = False  # resample with ResBlocks (BigGAN style) instead of plain convs
     use_checkpoint: bool = False  # gradient checkpointing: recompute blocks in backward to save memory
     num_groups: int = 32  # GroupNorm groups (fewer where a width is smaller than this)
+    context_dim: int | None = None  # width of cross-attention condition tokens; None = self-attention only (ADM)
+    transformer_depth: int = 1  # transformer blocks per SpatialTransformer (only with context_dim)
+    use_linear_projection: bool = False  # SpatialTransformer proj_in/out as Linear (SD 2.x) vs 1x1 conv (SD 1.x)
 
     def __post_init__(self) -> None:
         self.attention_resolutions = tuple(self.attention_resolutions)
@@ -66,6 +74,7 @@ def validate_config(cfg: UNetConfig) -> None:
     """Raise ValueError naming the offending field when `cfg` cannot build a UNet."""
     for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_groups"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
+    _check(cfg.cond_channels >= 0, "cond_channels", f"must be >= 0, got {cfg.cond_channels}")
     _check(len(cfg.channel_mult) >= 1 and all(m >= 1 for m in cfg.channel_mult), "channel_mult",
            f"needs one or more positive multipliers, got {cfg.channel_mult}")
     _check(cfg.image_size % cfg.downsample_factor == 0, "image_size",
@@ -73,6 +82,9 @@ def validate_config(cfg: UNetConfig) -> None:
     _check(0.0 <= cfg.dropout < 1.0, "dropout", f"must be in [0, 1), got {cfg.dropout}")
     _check(cfg.num_classes is None or cfg.num_classes >= 1, "num_classes",
            f"must be None or >= 1, got {cfg.num_classes}")
+    _check(cfg.context_dim is None or cfg.context_dim >= 1, "context_dim",
+           f"must be None or >= 1, got {cfg.context_dim}")
+    _check(cfg.transformer_depth >= 1, "transformer_depth", f"must be >= 1, got {cfg.transformer_depth}")
     reachable = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
     for r in cfg.attention_resolutions:
         _check(r in reachable, "attention_resolutions", f"{r} is not a level resolution; levels are {reachable}")
@@ -94,16 +106,23 @@ def validate_config(cfg: UNetConfig) -> None:
 
 
 class EmbedSequential(nn.ModuleList):
-    """A sequence of layers where ResBlocks also receive the embedding."""
+    """A sequence of layers where ResBlocks also receive the embedding and SpatialTransformers the context."""
 
-    def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
+    def forward(
+        self, x: Tensor, emb_act: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
         for layer in self:
-            x = layer(x, emb_act) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb_act)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, context_mask)
+            else:
+                x = layer(x)
         return x
 
 
 class UNet(nn.Module):
-    """ADM UNet: (x (B, C_in, H, W), t (B,), y (B,) | None) -> (B, out_dim, H, W)."""
+    """ADM UNet: (x (B, C_in, H, W), t (B,), y (B,) | None, context (B, L, D) | None) -> (B, out_dim, H, W)."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -113,7 +132,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # One extra row: index num_classes is the learned "null" label for classifier-free guidance.
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1)
         self.down, skip_widths, ch = self._build_encoder()
         self.middle = EmbedSequential([self._res(ch, ch), self._attn(ch), self._res(ch, ch)])
         self.up, ch = self._build_decoder(skip_widths, ch)
@@ -126,9 +145,13 @@ class UNet(nn.Module):
         return ResBlock(cin, 4 * c.model_channels, cout, c.dropout, c.use_scale_shift_norm, resample,
                         c.use_checkpoint, c.num_groups)
 
-    def _attn(self, ch: int) -> AttentionBlock:
-        heads = resolve_heads(ch, self.cfg.num_heads, self.cfg.num_head_channels)
-        return AttentionBlock(ch, heads, self.cfg.use_checkpoint, self.cfg.num_groups)
+    def _attn(self, ch: int) -> AttentionBlock | SpatialTransformer:
+        c = self.cfg
+        heads = resolve_heads(ch, c.num_heads, c.num_head_channels)
+        if c.context_dim is None:
+            return AttentionBlock(ch, heads, c.use_checkpoint, c.num_groups)
+        return SpatialTransformer(ch, heads, c.context_dim, c.transformer_depth, c.use_linear_projection,
+                                  c.use_checkpoint, c.num_groups)
 
     def _build_encoder(self) -> tuple[nn.ModuleList, list[int], int]:
         """Encoder blocks, the width of every skip they emit (conv_in's first), and the final width."""
@@ -168,6 +191,39 @@ class UNet(nn.Module):
         return blocks, ch
 
     # --- forward ------------------------------------------------------------------------------------------
+    def _check_concat(self, x: Tensor, concat: Tensor) -> Tensor:
+        c = self.cfg
+        if c.cond_channels == 0:
+            raise ValueError("concat (condition channels) given but UNetConfig.cond_channels is 0")
+        want = (x.shape[0], c.cond_channels, *x.shape[2:])
+        if tuple(concat.shape) != want:
+            raise ValueError(f"concat must be {want} (B, cond_channels, H, W), got {tuple(concat.shape)}")
+        return concat.to(x.dtype)
+
+    def _check_context(
+        self, x: Tensor, context: Tensor | None, context_mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Validate the cross-attention inputs; returns context in x's dtype and the mask (or None)."""
+        c, b = self.cfg, x.shape[0]
+        if c.context_dim is None:
+            if context is not None or context_mask is not None:
+                raise ValueError("context given but UNetConfig.context_dim is None (this UNet has no cross-attention)")
+            return None, None
+        want = f"({b}, L, {c.context_dim}) (B, L, context_dim)"
+        if context is None:
+            raise ValueError(f"this UNet cross-attends to context {want} (context=...); none given")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.context_dim or context.shape[1] < 1:
+            raise ValueError(f"context must be {want}, got {tuple(context.shape)}")
+        if context_mask is not None:
+            shape = (b, context.shape[1])
+            if context_mask.shape != shape or context_mask.dtype != torch.bool:
+                raise ValueError(f"context_mask must be bool {shape} (B, L), got {context_mask.dtype} "
+                                 f"{tuple(context_mask.shape)}")
+            # A row with no real token would make the cross-attention softmax 0/0 (NaN).
+            if not bool(context_mask.any(dim=1).all()):
+                raise ValueError("context_mask must keep at least one token (True) per sample")
+        return context.to(x.dtype), context_mask
+
     def _check_inputs(self, x: Tensor, t: Tensor | float, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Validate shapes at the boundary; returns t as (B,) and y as (B,) labels (null class if None)."""
         c = self.cfg
@@ -201,22 +257,36 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y).to(emb.dtype)
         return emb
 
-    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """x: (B, C_in, H, W), t: (B,) timesteps, y: (B,) labels or None -> (B, out_dim, H, W) in x's dtype."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor | None = None,
+        concat: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, C_in, H, W), t: (B,) timesteps, y: (B,) labels or None, concat: (B, cond_channels, H, W) or None,
+        context: (B, L, context_dim) condition tokens (required iff context_dim is set), context_mask: (B, L) bool,
+        True = real token, False = padding left out of cross-attention -> (B, out_dim, H, W) in x's dtype."""
         t, y = self._check_inputs(x, t, y)
+        context, context_mask = self._check_context(x, context, context_mask)
+        if concat is None and self.cfg.cond_channels:
+            raise ValueError(f"this UNet takes {self.cfg.cond_channels} condition channels (concat=...); none given")
+        x_in = x if concat is None else torch.cat([x, self._check_concat(x, concat)], dim=1)
         # Every ResBlock's embedding projection starts with SiLU; apply it once here instead of per block.
         emb_act = F.silu(self.embed(t, y))  # (B, E)
         # Activations run channels_last (NHWC): oneDNN/cuDNN convs skip layout reorders (~10% faster here than
         # NCHW) and attention's (B,C,H,W)<->(B,HW,C) reshapes become free views. Parameters stay contiguous
         # so state dicts save as-is (safetensors refuses non-contiguous tensors); that costs ~2% at most.
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, mc, H, W)
+        h = self.conv_in(x_in.contiguous(memory_format=torch.channels_last))  # (B, mc, H, W)
         skips = [h]
         for block in self.down:
-            h = block(h, emb_act)
+            h = block(h, emb_act, context, context_mask)
             skips.append(h)
-        h = self.middle(h, emb_act)
+        h = self.middle(h, emb_act, context, context_mask)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb_act, context, context_mask)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_dim, H, W)
         # Autocast leaves a bf16/fp16 output; hand back the caller's dtype so diffusion maths stays in fp32.
         return out.to(x.dtype).contiguous()
