@@ -20,6 +20,7 @@ class LossType(str, enum.Enum):
     """Which objective trains the network."""
 
     SIMPLE = "simple"  # L_simple: MSE on the eps / x_0 / v target (DDPM eq. 14); fixed variance only
+    L1 = "l1"  # mean absolute error on the same target (Palette's L1 ablation: less sample diversity)
     HYBRID = "hybrid"  # L_simple + lambda * L_vlb, vlb through the variance only (iDDPM sec. 3.1)
     KL = "kl"  # L_vlb: the per-step variational term L_t, trains mean and variance (DDPM eq. 5)
     RESCALED_KL = "rescaled_kl"  # T * L_t: the same bound estimate scaled to the full sum (iDDPM)
@@ -29,13 +30,18 @@ class LossTerms(NamedTuple):
     """Per-sample losses, each of shape (B,)."""
 
     loss: torch.Tensor  # what is minimised
-    mse: torch.Tensor  # MSE on the target (zeros for the pure KL objectives)
+    mse: torch.Tensor  # MSE (L1: mean absolute error) on the target (zeros for the pure KL objectives)
     vb: torch.Tensor  # L_t in bits per dimension (zeros for L_simple)
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions: (B, ...) -> (B,)."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
+def mean_flat(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over all non-batch dimensions: (B, ...) -> (B,). With a mask (B, 1 or C, ...) of 0/1, the mean over
+    the elements where it is 1 (Palette: only generated pixels count; known ones are given to the net)."""
+    dims = tuple(range(1, x.ndim))
+    if mask is None:
+        return x.mean(dim=dims)
+    mask = mask.to(x.dtype).expand_as(x)
+    return (x * mask).sum(dim=dims) / mask.sum(dim=dims).clamp(min=1.0)
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -78,6 +84,7 @@ def vb_term_bpd(
     cond: dict[str, Any] | None = None,
     clip_denoised: bool = False,
     model_output: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL -log p(x_0|x_1) at t = 0.
 
@@ -85,9 +92,9 @@ def vb_term_bpd(
     """
     true_mean, _, true_log_var = diffusion.q_posterior(x0, x_t, t)
     out = diffusion.p_mean_variance(model, x_t, t, cond=cond, clip_denoised=clip_denoised, model_output=model_output)
-    kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / math.log(2.0)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance), mask) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, means=out.mean, log_scales=0.5 * out.log_variance)
-    nll = mean_flat(nll) / math.log(2.0)
+    nll = mean_flat(nll, mask) / math.log(2.0)
     return torch.where(t == 0, nll, kl), out.pred_x0
 
 
@@ -102,11 +109,15 @@ def training_losses(
     cond: dict[str, Any] | None = None,
     vlb_weight: float = 0.001,
     generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
 ) -> LossTerms:
-    """Per-sample training losses for one batch of x_0 (B, C, H, W) at steps t (B,)."""
+    """Per-sample training losses for one batch of x_0 (B, C, H, W) at steps t (B,).
+
+    `mask` (B, 1, H, W) of 0/1 restricts every term to the pixels where it is 1 (conditional models that are
+    given the other pixels)."""
     loss_type = LossType(loss_type)
-    if loss_type == LossType.SIMPLE and diffusion.learned_variance:
-        raise ValueError("loss 'simple' cannot train a learned variance: use 'hybrid' (iDDPM) or 'kl'")
+    if loss_type in (LossType.SIMPLE, LossType.L1) and diffusion.learned_variance:
+        raise ValueError(f"loss '{loss_type.value}' cannot train a learned variance: use 'hybrid' (iDDPM) or 'kl'")
     if loss_type == LossType.HYBRID and not diffusion.learned_variance:
         raise ValueError(f"loss 'hybrid' needs variance 'learned_range', got '{diffusion.variance.value}'")
     if noise is None:
@@ -116,19 +127,22 @@ def training_losses(
     zeros = torch.zeros(x0.shape[0], device=x0.device, dtype=out.dtype)
 
     if loss_type in (LossType.KL, LossType.RESCALED_KL):
-        vb, _ = vb_term_bpd(diffusion, model, x0, x_t, t, model_output=out)
+        vb, _ = vb_term_bpd(diffusion, model, x0, x_t, t, model_output=out, mask=mask, cond=cond)
         if loss_type == LossType.RESCALED_KL:
             vb = vb * diffusion.num_steps
         return LossTerms(vb, zeros, vb)
 
     c = x0.shape[1]
     target = diffusion.training_target(x0, t, noise)
-    mse = mean_flat((out[:, :c] - target) ** 2)
+    if loss_type == LossType.L1:
+        l1 = mean_flat((out[:, :c] - target).abs(), mask)
+        return LossTerms(l1, l1, zeros)
+    mse = mean_flat((out[:, :c] - target) ** 2, mask)
     if loss_type == LossType.SIMPLE:
         return LossTerms(mse, mse, zeros)
     # L_hybrid: the vlb sees a detached mean prediction so it only trains the variance (iDDPM sec. 3.1)
     frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
-    vb, _ = vb_term_bpd(diffusion, model, x0, x_t, t, model_output=frozen)
+    vb, _ = vb_term_bpd(diffusion, model, x0, x_t, t, model_output=frozen, mask=mask, cond=cond)
     vb_scaled = vb * (vlb_weight * diffusion.num_steps)
     return LossTerms(mse + vb_scaled, mse, vb)
 
