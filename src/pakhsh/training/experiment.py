@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from ..data import DataConfig
 from ..diffusion import DiffusionConfig
-from ..interop.config import ConfigError, apply_overrides, from_dict, load_yaml
+from ..config import ConfigError, apply_overrides, from_dict, load_yaml
 from ..nets.unet import UNetConfig
+from ..tasks import TASK_NAMES, TaskConfig
 
 
 MAX_LR = 1.0
@@ -84,12 +85,38 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # names of labels 0..N-1: recorded from the dataset when training starts, so pipelines take `--label cat`
     class_names: list[str] | None = None
+    # image-to-image (Palette): the degradation the model learns to undo; None for unconditional / class models
+    task: TaskConfig | None = None
+    # Palette only: "diffusion", or "regression" (the same net maps the degraded image to x_0 in one pass: the
+    # paper's baseline)
+    objective: Literal["diffusion", "regression"] = "diffusion"
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = _folder_name(self.data) or DEFAULT_NAME
         if self.train.out_dir is None:
             self.train.out_dir = f"runs/{self.name}"
+        if self.task is None:
+            if self.objective != "diffusion":
+                raise ValueError(f"objective={self.objective} needs an image-to-image task (task.name=...)")
+        else:
+            _check_task_model(self.task, self.model)
+
+
+def _check_task_model(task: TaskConfig, model: UNetConfig) -> None:
+    """A Palette net takes [x_t, degraded image, mask]; a multi-task one also the task as its label."""
+    want = model.in_channels + 1
+    if model.cond_channels != want:
+        raise ValueError(f"task.name={task.name} needs model.cond_channels={want} (the degraded image's "
+                         f"{model.in_channels} channels + the mask), got {model.cond_channels}")
+    if model.in_channels != model.out_channels:
+        raise ValueError(f"task.name={task.name}: model.in_channels={model.in_channels} must equal "
+                         f"model.out_channels={model.out_channels}")
+    if task.name == "multi" and model.num_classes != len(TASK_NAMES):
+        raise ValueError(f"task.name=multi takes the task as a label: set model.num_classes={len(TASK_NAMES)} "
+                         f"({', '.join(TASK_NAMES)}), got {model.num_classes}")
+    if task.name != "multi" and model.num_classes is not None:
+        raise ValueError(f"task.name={task.name} is one task: set model.num_classes=null (or task.name=multi)")
 
 
 DEFAULT_NAME = "experiment"

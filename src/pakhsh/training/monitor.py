@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..interop.images import save_grid
+from ..imageio import save_grid
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -114,14 +114,12 @@ def describe_data(ds: Any, data: Any, num_classes: int | None) -> str:
 @torch.no_grad()
 def save_preview(trainer: "Trainer", path: Path) -> Path:
     """Sample `num_preview` images from the preview EMA with ancestral steps (fixed seed) and save them as a grid."""
-    from ..nets.unet import UNet
     from ..samplers import ancestral_sample
 
     cfg = trainer.cfg
-    net = UNet(cfg.model).to(trainer.acc.device)
-    net.load_state_dict(trainer.acc.unwrap_model(trainer.model).state_dict())
-    trainer.ema.copy_to(net, cfg.train.preview_ema)
-    net.eval()
+    if cfg.task is not None:
+        return _palette_preview(trainer, path)
+    net = _preview_net(trainer)
     n, size = cfg.train.num_preview, cfg.model.image_size
     g = torch.Generator().manual_seed(cfg.train.seed)
     x_T = torch.randn(n, cfg.model.out_channels, size, size, generator=g).to(trainer.acc.device)
@@ -133,3 +131,33 @@ def save_preview(trainer: "Trainer", path: Path) -> Path:
     with trainer.acc.autocast():
         x = ancestral_sample(d, net, x_T, cond=cond, generator=g)
     return save_grid(x, path, scale=2)
+
+
+def _preview_net(trainer: "Trainer") -> Any:
+    """A copy of the network holding the preview EMA weights, in eval mode."""
+    from ..nets.unet import UNet
+
+    net = UNet(trainer.cfg.model).to(trainer.acc.device)
+    net.load_state_dict(trainer.acc.unwrap_model(trainer.model).state_dict())
+    trainer.ema.copy_to(net, trainer.cfg.train.preview_ema)
+    return net.eval()
+
+
+def _palette_preview(trainer: "Trainer", path: Path) -> Path:
+    """Rows of [degraded input | output | original] for the first images of the data, degraded and sampled with
+    a fixed seed (so grids are comparable across steps)."""
+    from ..conditioning.concat import restore
+    from .objectives import palette_condition
+
+    cfg, dev = trainer.cfg, trainer.acc.device
+    n = min(cfg.train.num_preview, len(trainer.dataset), 8)
+    x0 = torch.stack([trainer.dataset[i]["image"] for i in range(n)]).to(dev)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    cond = palette_condition(cfg, x0, g)
+    steps = min(cfg.train.preview_steps, trainer.diffusion.num_steps)
+    x_T = torch.randn(x0.shape, generator=g).to(dev)
+    with trainer.acc.autocast():  # ancestral steps, as the unconditional preview
+        out = restore(trainer.diffusion.respace(str(steps)), _preview_net(trainer), cond, x_T,
+                      objective=cfg.objective, generator=g)
+    rows = torch.stack([cond["cond_image"].float().cpu(), out.float().cpu(), x0.float().cpu()], dim=1)  # (n, 3, C, H, W)
+    return save_grid(rows.flatten(0, 1), path, nrow=3, scale=2)

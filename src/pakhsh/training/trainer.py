@@ -26,9 +26,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data import build_dataset
-from ..diffusion import GaussianDiffusion, LossAwareSampler, make_timestep_sampler, training_losses
+from ..diffusion import GaussianDiffusion, LossAwareSampler, make_timestep_sampler
 from ..nets.unet import UNet
-from ..interop.config import to_dict
+from ..config import to_dict
 from .checkpoint import (
     CheckpointError,
     ResumeState,
@@ -43,6 +43,8 @@ from .checkpoint import (
 from .ema import EMA, rate_name
 from .distributed import TrainingError, make_accelerator
 from .experiment import ExperimentConfig
+from ..tasks import TASK_NAMES
+from .objectives import Draws, compute_losses
 from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
 from .lock import RunLock
 from .monitor import RunLog, describe_data, save_preview
@@ -144,7 +146,7 @@ class Trainer:
         """A class-conditional model needs a labelled dataset with exactly model.num_classes classes (label
         num_classes is the null class of classifier-free guidance, so a larger label would train silently wrong)."""
         want = self.cfg.model.num_classes
-        if want is None:
+        if want is None or self.cfg.task is not None:  # Palette: the label is the task, not the data's class
             return
         have = getattr(self.dataset, "num_classes", None)
         name = self.cfg.data.name
@@ -158,6 +160,8 @@ class Trainer:
     def _record_class_names(self) -> None:
         """Save the dataset's class names in the run's config: pipelines then take `--label cat` for its model."""
         found = getattr(self.dataset, "class_names", None)
+        if self.cfg.task is not None:  # a multi-task Palette model's labels are its tasks
+            found = list(TASK_NAMES) if self.cfg.task.name == "multi" else None
         if found is None:
             return
         found = [str(c) for c in found]
@@ -385,7 +389,7 @@ class Trainer:
         """Losses of this process's slice of global micro-batch `pos`; all randomness derived from (seed, pos)."""
         tc, dev = self.cfg.train, self.acc.device
         world, rank = self.acc.num_processes, self.acc.process_index
-        x0 = batch["image"].to(dev, non_blocking=True)
+        x0 = batch["image"]
         per = x0.shape[0]
         g = torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 2))
         # draw for the whole global batch, keep our slice: N processes == 1 process on the combined batch
@@ -394,17 +398,16 @@ class Trainer:
         drop = torch.rand(per * world, generator=g) < tc.class_dropout
         sl = slice(rank * per, (rank + 1) * per)
         t, weights, noise = ts.t[sl].to(dev), ts.weights[sl].to(dev), noise[sl].to(dev)
-        cond: dict[str, torch.Tensor] = {}
-        if self.cfg.model.num_classes is not None:
+        if self.cfg.model.num_classes is not None and self.cfg.task is None:
             if "label" not in batch:
                 raise ValueError(f"model.num_classes={self.cfg.model.num_classes} but dataset '{self.cfg.data.name}' has no labels")
             _check_label_range(batch["label"], self.cfg.model.num_classes, self.cfg.data.name)
-            y = batch["label"].to(dev)
-            cond["y"] = torch.where(drop[sl].to(dev), torch.full_like(y, self.cfg.model.num_classes), y)
+        # degradations (Palette) draw from their own stream; per process, so N processes degrade differently
+        # from one (the diffusion draws above stay global)
+        draws = Draws(t, noise, drop[sl].to(dev), torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 1000 + rank)))
         torch.manual_seed(_stream_seed(tc.seed, pos, 3 + rank))  # dropout masks
         with self.acc.autocast():
-            terms = training_losses(self.diffusion, self.model, x0, t, loss_type=self.cfg.diffusion.loss,
-                                    noise=noise, cond=cond, vlb_weight=self.cfg.diffusion.vlb_weight)
+            terms = compute_losses(self.cfg, self.model, self.diffusion, batch, draws, dev)
         if isinstance(self.t_sampler, LossAwareSampler):
             all_t, all_vb = self.acc.gather((t, terms.vb.detach().float()))
             self.t_sampler.update(all_t.cpu(), all_vb.cpu())

@@ -1,0 +1,71 @@
+"""What a training step minimises, per system; the trainer draws the randomness and runs the optimiser.
+
+- image diffusion (DDPM / Improved DDPM, optionally class-conditional): `training_losses` on the batch's images;
+- Palette (a `task` in the config): the batch is degraded on the fly (tasks.degrade), the net sees the degraded
+  image and mask as extra channels (conditioning.concat) and the loss covers the generated pixels only;
+- regression (Palette's baseline): the same net maps the degraded image to x_0 in one pass, L2 on x_0.
+
+Each returns LossTerms with per-sample (B,) terms; the trainer weights, averages and back-propagates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ..conditioning.concat import ConcatConditioned, regression_x0
+from ..diffusion import GaussianDiffusion, training_losses
+from ..diffusion.losses import LossTerms, mean_flat
+from ..tasks import degrade
+from .experiment import ExperimentConfig
+
+
+class Draws(NamedTuple):
+    """This process's slice of the micro-batch's random draws (made by the trainer from (seed, position))."""
+
+    t: torch.Tensor  # (B,) training steps
+    noise: torch.Tensor  # (B, C, H, W)
+    drop: torch.Tensor  # (B,) bool: label replaced by the null class (classifier-free guidance)
+    generator: torch.Generator  # CPU generator for anything else the objective draws (degradations)
+
+
+def compute_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusion, batch: dict[str, torch.Tensor],
+                   draws: Draws, device: torch.device) -> LossTerms:
+    """The per-sample loss terms of one micro-batch for the system `cfg` describes."""
+    x0 = batch["image"].to(device, non_blocking=True)
+    if cfg.task is not None:
+        return _palette_losses(cfg, model, diffusion, x0, draws)
+    cond: dict[str, torch.Tensor] = {}
+    if cfg.model.num_classes is not None:
+        y = batch["label"].to(device)
+        cond["y"] = torch.where(draws.drop, torch.full_like(y, cfg.model.num_classes), y)
+    return training_losses(diffusion, model, x0, draws.t, loss_type=cfg.diffusion.loss, noise=draws.noise,
+                           cond=cond, vlb_weight=cfg.diffusion.vlb_weight)
+
+
+def palette_condition(cfg: ExperimentConfig, x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Degrade x0 (B, C, H, W) and return the model's keyword conditions: cond_image, mask (and y = task id for a
+    multi-task model)."""
+    assert cfg.task is not None
+    deg, task_ids = degrade(x0.detach().float().cpu(), cfg.task, generator)
+    cond = {"cond_image": deg.cond.to(x0.device, x0.dtype), "mask": deg.mask.to(x0.device, x0.dtype)}
+    if cfg.model.num_classes is not None:
+        cond["y"] = task_ids.to(x0.device)
+    return cond
+
+
+def _palette_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusion, x0: torch.Tensor,
+                    draws: Draws) -> LossTerms:
+    cond = palette_condition(cfg, x0, draws.generator)
+    net = ConcatConditioned(model)
+    if cfg.objective == "regression":
+        return regression_losses(net, x0, cond)
+    return training_losses(diffusion, net, x0, draws.t, loss_type=cfg.diffusion.loss, noise=draws.noise, cond=cond,
+                           vlb_weight=cfg.diffusion.vlb_weight, mask=cond["mask"])
+
+
+def regression_losses(net: ConcatConditioned, x0: torch.Tensor, cond: dict[str, torch.Tensor]) -> LossTerms:
+    """L2 between the one-pass prediction and x_0 over the generated pixels (Palette's "Regression" row)."""
+    mse = mean_flat((regression_x0(net, cond).float() - x0.float()) ** 2, cond["mask"])
+    return LossTerms(mse, mse, torch.zeros_like(mse))
