@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .cli_restore import add_restore_parser, check_restore_args
+
 DEFAULT_MODEL = "shapes"
 DEBUG_ENV = "PAKHSH_DEBUG"  # set to 1 for Python tracebacks instead of one-line messages
 
@@ -134,7 +136,8 @@ def _add_edit_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="pakhsh", description="Train, sample, edit and evaluate diffusion models (DDPM / Improved DDPM).",
+        prog="pakhsh", description="Train, sample, edit and evaluate diffusion models (DDPM / Improved DDPM, "
+                                   "Palette image-to-image).",
         epilog="Run `pakhsh COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"pakhsh {_version()}")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
+    add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
+                       _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
+
     p = sub.add_parser("info", help="summarise a model: config, parameters, training state")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                    help="checkpoint/run folder, shipped name, diffusers pipeline folder or improved-diffusion .pt")
@@ -358,7 +364,7 @@ def _model_title(name: str) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .interop.images import save_grid, save_images, save_npz
+    from .imageio import save_grid, save_images, save_npz
     from .pipelines import SampleSettings
 
     pipe = _pipeline(args)
@@ -383,7 +389,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _input_image(pipe: Any, spec: str) -> Any:
     """An image file, or data:INDEX from the model's own dataset (test split)."""
-    from .interop.images import load_image
+    from .imageio import load_image
 
     if spec.startswith("data:"):
         return _data_image(pipe, spec)
@@ -421,7 +427,7 @@ def _check_image_spec(spec: str) -> None:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    from .interop.images import save_grid
+    from .imageio import save_grid
 
     pipe = _pipeline(args)
     a, b = _input_image(pipe, args.image_a), _input_image(pipe, args.image_b)
@@ -438,7 +444,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_vary(args: argparse.Namespace) -> int:
     import torch
 
-    from .interop.images import save_grid
+    from .imageio import save_grid
 
     pipe = _pipeline(args)
     img = _input_image(pipe, args.image)
@@ -537,7 +543,7 @@ def _info_pakhsh(m: Any) -> None:
 
 def _info_json(m: Any) -> dict[str, Any]:
     """The full config: pakhsh's experiment config, or the foreign model's own settings in our terms."""
-    from .interop.config import to_dict
+    from .config import to_dict
 
     if m.config is not None:
         return to_dict(m.config)
@@ -561,6 +567,9 @@ def _export_diffusers(args: argparse.Namespace) -> int:
     from .pipelines import resolve_model
 
     m = resolve_model(args.checkpoint, ema=not args.no_ema, source="pakhsh")
+    if m.config is not None and m.config.task is not None:
+        raise ValueError(f"{args.checkpoint} is a Palette ({m.config.task.name}) model: diffusers has no pipeline for "
+                         "it; export it with --format pakhsh")
     out = export_diffusers(m.model, m.diffusion, args.out, class_names=m.class_names)
     print(f"exported a diffusers DDPMPipeline folder to {out} (load it with DDPMPipeline.from_pretrained)")
     if m.num_classes is not None:
@@ -611,8 +620,11 @@ def _check_before_work(args: argparse.Namespace) -> None:
     for attr in ("image", "image_a", "image_b"):
         if getattr(args, attr, None) is not None:
             _check_image_spec(getattr(args, attr))
+    if args.command == "restore":
+        check_restore_args(args)
+        _check_writable("--out", args.out, Path(args.input).is_dir())
     if args.command in ("sample", "interpolate", "vary"):
-        from .interop.images import image_format
+        from .imageio import image_format
 
         image_format(args.out, "--out")  # the suffix picks the format: an unknown one fails now, not after sampling
     for flag, attr, folder in _OUTPUTS.get(args.command, ()):
