@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA smoke run of the whole CLI: train -> resume -> sample (every sampler) -> vary -> interpolate -> nll ->
-# eval -> export -> info, in fp32 and bf16, on a GPU. Run it on a CUDA machine whenever training or sampling
+# eval -> export -> info, then Palette (train multi-task + regression -> restore every task, every sampler),
+# in fp32 and bf16, on a GPU. Run it on a CUDA machine whenever training or sampling
 # code changed:
 #     bash scripts/cuda_smoke.sh [WORKDIR]          (DEVICE=cpu bash scripts/cuda_smoke.sh for a dry run)
 # Every step must exit 0; the script stops at the first failure and prints what ran. Needs no network and no
@@ -39,6 +40,24 @@ for prec in no bf16; do
                        --device "$DEVICE" "${FLAG[@]}" --stats-dir "$W/stats" --json "$W/e_$prec.json" --markdown "$W/e_$prec.md" -q
   run "export_$prec" "${PK[@]}" export "$R" "$W/export_$prec"
   run "info_$prec"   "${PK[@]}" info "$W/export_$prec"
+done
+# Palette: a multi-task model and the regression baseline, then every restore task on the GPU
+PTINY=(--set data.image_size=16 --set model.image_size=16 --set model.model_channels=32 --set diffusion.num_steps=100
+       --set train.batch_size=64 --set train.log_every=10 --set train.save_every=30 --set train.sample_every=30
+       --set train.preview_steps=10 --set train.warmup_steps=10 --set "train.device=$DEVICE")
+for prec in no bf16; do
+  P="$W/palette_$prec"; FLAG=(); [ "$prec" = bf16 ] && FLAG=(--bf16)
+  run "palette_train_$prec" "${PK[@]}" train palette "${PTINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=30 --out "$P" -q
+  run "palette_resume_$prec" "${PK[@]}" train palette "${PTINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=60 --out "$P" --resume -q
+  run "palette_reg_$prec" "${PK[@]}" train palette_regression "${PTINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=30 --out "$P.reg" -q
+  for t in colorize inpaint uncrop jpeg panorama; do
+    run "restore_${prec}_$t" "${PK[@]}" restore data:0 --task "$t" -m "$P" --device "$DEVICE" "${FLAG[@]}" --steps 10 --samples 2 --quality 10 -o "$W/r_${prec}_$t.png" -q
+  done
+  for s in "ddpm 20" "ddim 10" "dpm++2m 10"; do
+    set -- $s
+    run "restore_${prec}_$1" "${PK[@]}" restore data:1 --task inpaint --mask freeform -m "$P" --device "$DEVICE" "${FLAG[@]}" --sampler "$1" --steps "$2" -o "$W/ri_${prec}_$1.png" -q
+  done
+  run "restore_reg_$prec" "${PK[@]}" restore data:2 --task jpeg --quality 5 -m "$P.reg" --device "$DEVICE" "${FLAG[@]}" -o "$W/rr_$prec.png" -q
 done
 run "sample_shipped" "${PK[@]}" sample -m fashion_mnist --device "$DEVICE" --steps 20 -n 16 -o "$W/shipped.png" -q
 echo "SMOKE PASSED: all steps on $DEVICE ($W)"

@@ -101,7 +101,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="checkpoint folder, run folder (its latest checkpoint), shipped model name, diffusers "
                         "pipeline folder or improved-diffusion .pt file "
-                        "(default: %(default)s; shipped: shapes, fashion_mnist)")
+                        "(default: %(default)s; `pakhsh configs` lists the shipped models)")
     _add_source_args(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
@@ -392,28 +392,9 @@ def _input_image(pipe: Any, spec: str) -> Any:
     from .imageio import load_image
 
     if spec.startswith("data:"):
-        return _data_image(pipe, spec)
+        return pipe.data_image(spec)
     c, size, _ = pipe.image_shape
     return load_image(spec, size=size, channels=c)
-
-
-def _data_image(pipe: Any, spec: str) -> Any:
-    """data:INDEX: one image of the model's test split; a bad INDEX is named with the valid range."""
-    from dataclasses import replace
-
-    from .data import build_dataset
-
-    data = pipe.require_data(f"{spec} (an image of the model's test split; give an image file instead)")
-    ds = build_dataset(replace(data, split="test", random_flip=False))
-    n = len(ds)
-    valid = f"the model's test split ({data.name}) has {n} images: use data:0 .. data:{n - 1}"
-    try:
-        index = int(spec[5:])
-    except ValueError:
-        raise ValueError(f"{spec}: INDEX must be a whole number; {valid}") from None
-    if not 0 <= index < n:
-        raise ValueError(f"{spec}: index out of range; {valid}")
-    return ds[index]["image"].unsqueeze(0)
 
 
 def _check_image_spec(spec: str) -> None:

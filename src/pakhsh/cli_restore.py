@@ -23,7 +23,7 @@ def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentPars
         description="Run a Palette model on an image file or a folder of them. Writes, per input, a row "
                     "[degraded input | output(s)] (a folder input: one row per image in OUT/grid.png and each "
                     "output as OUT/<name>.png). Inputs are resized to the model's resolution, with a notice.")
-    p.add_argument("input", help="image file or folder of images")
+    p.add_argument("input", help="image file, folder of images, or data:INDEX (image INDEX of the model's test split)")
     p.add_argument("--task", required=True, choices=RESTORE_TASKS,
                    help="colorize: colour from the image's luminance; inpaint: fill the --mask; uncrop: extend "
                         "--side by --fraction; panorama: extend right to --width by repeated uncropping; jpeg: "
@@ -38,8 +38,8 @@ def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentPars
     p.add_argument("--side", choices=["left", "right", "top", "bottom", "all"], default="right",
                    help="uncrop: which side to extend (default: %(default)s)")
     p.add_argument("--fraction", type=fraction, default=None,
-                   help="uncrop: share of the side generated (default 0.25); panorama: share of each new tile "
-                        "(default 0.5)")
+                   help="uncrop: share of the side generated; panorama: share of each new tile (default: the "
+                        "model's training fraction, 0.25 for the shipped model)")
     p.add_argument("--quality", type=_quality, default=None,
                    help="jpeg: compress the input at this JPEG quality (1..100; the paper's hardest is 5) before "
                         "restoring; without it the input is taken as already compressed")
@@ -69,6 +69,14 @@ def _quality(text: str) -> int:
 def check_restore_args(args: argparse.Namespace) -> None:
     """Before any model loads: the input exists, flags fit the task, the output path is usable."""
     src = Path(args.input)
+    if args.input.startswith("data:"):
+        if not args.input[5:].strip().isdigit():
+            raise ValueError(f"{args.input}: INDEX must be a whole number, e.g. data:0 (an image of the model's test split)")
+        args.out = args.out or "restored.png"
+        from .imageio import image_format
+
+        image_format(args.out, "--out")
+        return
     if not src.exists():
         raise FileNotFoundError(f"input {args.input}: not found; give an image file or a folder of images")
     if args.out is None:
@@ -99,15 +107,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     pipe = PalettePipeline.from_pretrained(args.model, ema=not args.no_ema, device=args.device, bf16=args.bf16,
                                            source=args.source_format, openai_flags=args.openai_flags)
     pipe.check_task(args.task)
+    if args.guidance != 1.0:
+        warnings.warn(f"--guidance {args.guidance:g} is ignored: Palette models are conditioned on the image, "
+                      "without classifier-free guidance")
     if args.steps:
         pipe.check_steps(args.steps, "--steps")
     settings = SampleSettings(args.sampler, args.steps or None, args.eta, threshold=args.threshold)
-    files = _input_files(Path(args.input))
-    images = torch.cat([_read(f, pipe.size) for f in files])
+    if args.input.startswith("data:"):
+        files, images = [Path(args.input.replace(":", "_"))], pipe.data_image(args.input)
+    else:
+        files = _input_files(Path(args.input))
+        images = torch.cat([_read(f, pipe.size) for f in files])
     if args.task == "panorama":
         return _panorama(args, pipe, images, settings)
     mask = _mask(args, pipe, files) if args.task == "inpaint" else None
-    fraction = args.fraction if args.fraction is not None else 0.25
+    fraction = args.fraction if args.fraction is not None else pipe.task_config.uncrop_fraction
     cond = pipe.prepare(images, args.task, mask=mask, mask_kind=args.mask, side=args.side, fraction=fraction,
                         quality=args.quality, seed=args.seed)
     out = pipe.restore(cond, settings, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
@@ -132,7 +146,8 @@ def _panorama(args: argparse.Namespace, pipe: Any, images: torch.Tensor, setting
     from .imageio import save_grid
 
     width = args.width or 4 * pipe.size
-    strip = pipe.panorama(images[:1], width, fraction=args.fraction or 0.5, settings=settings, seed=args.seed,
+    fraction = args.fraction if args.fraction is not None else pipe.task_config.uncrop_fraction
+    strip = pipe.panorama(images[:1], width, fraction=fraction, settings=settings, seed=args.seed,
                           progress=not args.quiet)
     path = save_grid(strip, args.out, nrow=1, scale=args.scale)
     print(f"wrote a {strip.shape[-1]}x{strip.shape[-2]} panorama to {path}")
@@ -185,4 +200,6 @@ def _mask(args: argparse.Namespace, pipe: Any, files: list[Path]) -> torch.Tenso
         return None
     from .pipelines.palette import read_mask_for
 
+    if args.input.startswith("data:"):  # a dataset image is at the model's size already
+        return read_mask_for(Path(args.mask), None, pipe.size)
     return torch.cat([read_mask_for(Path(args.mask), f, pipe.size) for f in files])

@@ -81,8 +81,10 @@ def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_experiment("fashion_mnist.yaml").model.in_channels == 1
     with pytest.raises(ConfigError, match=r"config nosuch: not found; .*shipped config name \(cifar_iddpm, "):
         load_experiment("nosuch")
-    with pytest.raises(ConfigError, match=r"config configs/shapes\.yaml: not found"):  # a path is a path
-        load_experiment("configs/shapes.yaml")
+    # the repository layout older docs (and issues) use: configs/NAME.yaml is the shipped NAME when no such file exists
+    assert load_experiment("configs/palette_jpeg.yaml").task.name == "jpeg"
+    with pytest.raises(ConfigError, match=r"config elsewhere/shapes\.yaml: not found"):  # any other path is a path
+        load_experiment("elsewhere/shapes.yaml")
     (tmp_path / "shapes").write_text(yaml.safe_dump({"name": "mine"}))  # a file in the way wins over the name
     assert load_experiment("shapes").name == "mine"
 

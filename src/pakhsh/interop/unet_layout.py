@@ -17,6 +17,7 @@ from torch import nn
 
 from ..nets.attention import AttentionBlock
 from ..nets.layers import Downsample, ResBlock, Upsample
+from ..nets.transformer import SpatialTransformer
 from ..nets.unet import UNet
 
 Role = Literal["res", "attn", "down", "up"]
@@ -37,7 +38,8 @@ class Block:
 
 
 def _role(module: nn.Module) -> Role:
-    if isinstance(module, AttentionBlock):
+    # A SpatialTransformer (cross-attention UNets) sits where an AttentionBlock would: diffusers' attentions.J.
+    if isinstance(module, (AttentionBlock, SpatialTransformer)):
         return "attn"
     if isinstance(module, Downsample) or (isinstance(module, ResBlock) and module.resample == "down"):
         return "down"

@@ -203,13 +203,17 @@ def read_input(path: str | Path, size: int) -> Tensor:
         raise ValueError(f"cannot read image {p}: {e}") from None
 
 
-def read_mask_for(mask_path: Path, image_path: Path, size: int) -> Tensor:
+def read_mask_for(mask_path: Path, image_path: Path | None, size: int) -> Tensor:
     """A user mask (white = generate) for `image_path`: same size as that image (else an error naming both), then
-    cropped and resized with it to the model's (1, 1, size, size), kept binary."""
+    cropped and resized with it to the model's (1, 1, size, size), kept binary. No image_path: the image is at
+    the model's size."""
     from ..data.image_folder import open_image
 
-    with open_image(image_path) as img:
-        w, h = img.size
+    if image_path is None:
+        w = h = size
+    else:
+        with open_image(image_path) as img:
+            w, h = img.size
     mask, notice = load_mask(mask_path, (h, w))
     if notice:
         warnings.warn(notice, stacklevel=2)

@@ -144,6 +144,24 @@ class ImagePipeline:
                              "format) does not record one")
         return self.data
 
+    def data_image(self, spec: str) -> torch.Tensor:
+        """`data:INDEX` -> (1, C, H, W): image INDEX of the model's test split; a bad INDEX is named with the range."""
+        from dataclasses import replace
+
+        from ..data import build_dataset
+
+        data = self.require_data(f"{spec} (an image of the model's test split; give an image file instead)")
+        ds = build_dataset(replace(data, split="test", random_flip=False))
+        n = len(ds)
+        valid = f"the model's test split ({data.name}) has {n} images: use data:0 .. data:{n - 1}"
+        try:
+            index = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"{spec}: INDEX must be a whole number; {valid}") from None
+        if not 0 <= index < n:
+            raise ValueError(f"{spec}: index out of range; {valid}")
+        return ds[index]["image"].unsqueeze(0)
+
     def check_steps(self, steps: int | None, name: str = "steps") -> None:
         """Sampling steps must be a subset of the T training steps (None: all); more would silently mean all."""
         if steps is not None and not 1 <= steps <= self.num_steps:

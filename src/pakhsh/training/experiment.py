@@ -178,7 +178,7 @@ def resolve_config(spec: str | Path) -> Path:
         return p
     shipped = shipped_configs()
     name = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else p.name
-    if name in shipped and p.parent == Path("."):
+    if name in shipped and p.parent in (Path("."), Path("configs")):  # `configs/shapes.yaml`, as older docs wrote it
         return shipped[name]
     what = "is a folder, not a YAML file" if p.is_dir() else "not found"
     raise ConfigError(f"config {spec}: {what}; give a YAML file or a shipped config name "
