@@ -130,3 +130,15 @@ def test_exported_class_conditional_folder_reads_back_with_its_null_class(tmp_pa
     pipe = ImagePipeline(m, device="cpu")
     x = pipe.generate(2, SampleSettings("ddim", 2, guidance=2.0), labels="star", progress=False)  # guided
     assert x.shape == (2, 3, 8, 8)
+
+
+def test_conditioned_nets_are_refused_by_name() -> None:
+    from pakhsh.interop.diffusers import UnmappableError, diffusers_unet_config
+    from pakhsh.nets.unet import UNet, UNetConfig
+
+    small = dict(image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 num_groups=8)
+    with pytest.raises(UnmappableError, match="model.cond_channels=4"):
+        diffusers_unet_config(UNet(UNetConfig(cond_channels=4, **small)))
+    with pytest.raises(UnmappableError, match="model.context_dim=16"):
+        diffusers_unet_config(UNet(UNetConfig(context_dim=16, **small)))

@@ -285,6 +285,12 @@ def _head_width(net: UNet) -> int:
 def diffusers_unet_config(net: UNet) -> dict[str, Any]:
     """UNet2DModel arguments that build exactly our network, or UnmappableError saying what does not map."""
     cfg = net.cfg
+    if cfg.cond_channels:
+        raise UnmappableError(f"model.cond_channels={cfg.cond_channels}: an image-conditioned (Palette) net has no "
+                              "DDPMPipeline equivalent; export it in pakhsh format")
+    if cfg.context_dim is not None:
+        raise UnmappableError(f"model.context_dim={cfg.context_dim}: a cross-attention net is a UNet2DConditionModel, "
+                              "not the UNet2DModel a DDPMPipeline holds")
     if cfg.in_channels != cfg.out_channels:
         raise UnmappableError(f"model.in_channels={cfg.in_channels} differs from out_channels={cfg.out_channels}: "
                               "DDPMPipeline feeds the UNet noise only")

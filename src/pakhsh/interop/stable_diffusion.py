@@ -12,20 +12,18 @@ layer's input columns), conv resampling, and a SpatialTransformer wherever ADM h
 `attention_head_dim` is really the head COUNT (diffusers keeps the misnomer); SD 2.x lists one count per level
 with a constant head width, which maps to `num_head_channels`. Anything else is refused by name.
 
-Nothing here downloads; weights are read from safetensors only (pickled .bin files are never executed). Every
-problem in a folder is collected and raised as ONE `StableDiffusionFolderError` listing all of them.
-The safety checker and feature extractor, if present, are not loaded or run.
+Nothing here downloads or needs diffusers itself: weights are read with safetensors (pickled .bin files are never
+executed), CLIP with transformers. Every problem in a folder is collected and raised as ONE
+`StableDiffusionFolderError` listing all of them. A safety checker or feature extractor is neither loaded nor run.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,54 +43,21 @@ class StableDiffusionFolderError(DiffusersFormatError):
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
-class PromptEncoder(Protocol):
-    """What a text-to-image pipeline needs from a text encoder (`conditioning.text.TextEncoder` is one)."""
-
-    max_length: int
-
-    def encode(self, prompts: list[str]) -> TextEmbedding: ...
-
-
-@dataclass(frozen=True)
-class TimestepRule:
-    """How a diffusers scheduler picks its inference timesteps (`timestep_spacing`, `steps_offset`)."""
-
-    spacing: str = "leading"  # "leading" | "trailing" | "linspace"
-    steps_offset: int = 0  # added to "leading" timesteps (SD ships 1)
-    set_alpha_to_one: bool = True  # DDIM's last step lands on abar = 1 (pakhsh always does; see the pipeline)
-
-    def timesteps(self, num_train_steps: int, steps: int) -> list[int]:
-        """The training steps diffusers' DDIMScheduler.set_timesteps(steps) visits, ascending."""
-        T = num_train_steps
-        if not 1 <= steps <= T:
-            raise ValueError(f"steps {steps}: must be in 1..{T} (the scheduler's num_train_timesteps)")
-        if self.spacing == "leading":
-            t = np.arange(steps) * (T // steps) + self.steps_offset
-        elif self.spacing == "trailing":
-            t = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
-        elif self.spacing == "linspace":
-            t = np.linspace(0, T - 1, steps).round().astype(np.int64)
-        else:
-            raise ValueError(f"timestep_spacing {self.spacing!r} is not supported (leading, trailing, linspace)")
-        kept = sorted({int(v) for v in t})
-        if kept[0] < 0 or kept[-1] >= T:
-            raise ValueError(f"steps {steps} with steps_offset={self.steps_offset} reaches timestep {kept[-1]}, "
-                             f"outside 0..{T - 1}")
-        return kept
-
-
 @dataclass
 class LatentDiffusionModel:
     """Everything a latent text-to-image model needs: UNet over latents, VAE (with its scaling factor), prompt
-    encoder and diffusion. `timesteps` is the source's own inference-step rule (None: pakhsh's spacing)."""
+    encoder (`conditioning.text.TextEncoder` or SD's `CLIPPromptEncoder`: `.encode(prompts) -> TextEmbedding`)
+    and diffusion, plus how its source picks inference timesteps (see `pipelines.text_to_image`)."""
 
     unet: UNet  # (B, C_lat, h, w), t, context (B, L, D) -> eps / v
     vae: AutoencoderKL  # decode_latents(z) = decode(z / cfg.scaling_factor)
-    text_encoder: PromptEncoder
+    text_encoder: Any
     diffusion: DiffusionConfig
     latent_size: tuple[int, int]  # (h, w) the UNet was trained at (unet sample_size)
-    clip_denoised: bool = False  # clamp predicted x_0 while sampling (never for SD: latents exceed [-1, 1])
-    timesteps: TimestepRule | None = None
+    clip_denoised: bool = False  # clamp predicted x_0 to [-1, 1] (clip_sample; SD: False, latents exceed it)
+    timestep_spacing: str | None = None  # a diffusers scheduler's "leading" | "trailing" | "linspace"; None: pakhsh's
+    steps_offset: int = 0  # added to "leading" timesteps (SD ships 1)
+    set_alpha_to_one: bool = True  # the scheduler's DDIM ends on abar = 1 (pakhsh's samplers always do)
     path: Path | None = None
 
     @property
@@ -163,14 +128,14 @@ def _load_weights(folder: Path, stem: str, problems: list[str]) -> dict[str, Ten
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def _fit(expected: dict[str, Tensor], got: dict[str, Tensor], file: Path, config: Path,
+def _fit(expected: dict[str, Tensor], got: dict[str, Tensor], file: Path,
          name: Callable[[str], str] = lambda k: k) -> list[str]:
     """Missing weights and shape mismatches of `got` (our keys) against a freshly built net's state dict."""
     problems = []
     missing = [name(k) for k in expected if k not in got]
     if missing:
         problems.append(f"{file} lacks {_listed(missing)}")
-    wrong = [f"{name(k)} is {tuple(v.shape)} but {config.name} needs {tuple(expected[k].shape)}"
+    wrong = [f"{name(k)} is {tuple(v.shape)} but config.json needs {tuple(expected[k].shape)}"
              for k, v in got.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
         problems.append(f"{file}: shape mismatch: {_listed(wrong, 4)}")
@@ -368,9 +333,9 @@ def unet_state_from_diffusers(net: UNet, sd: dict[str, Tensor], *, flip_sin_to_c
         problems.append(f"{file} lacks {_listed(missing)}")
     extra = sorted(theirs) + [source[k] for k in out if k not in expected]
     if extra:
-        problems.append(f"{file} has weights unet/config.json does not use: {_listed(extra)}")
+        problems.append(f"{file} has weights config.json does not use: {_listed(extra)}")
     fitting = {k: v for k, v in out.items() if k in expected}
-    problems += _fit({k: expected[k] for k in fitting}, fitting, file, Path("unet/config.json"), source.__getitem__)
+    problems += _fit({k: expected[k] for k in fitting}, fitting, file, source.__getitem__)
     return out, problems
 
 
@@ -414,7 +379,7 @@ def _vae(folder: Path, problems: list[str]) -> AutoencoderKL | None:
         problems.append(f"{file}: {e}")
         return None
     net = AutoencoderKL(cfg)
-    found = _fit(net.state_dict(), state, file, folder / "config.json")
+    found = _fit(net.state_dict(), state, file)
     problems += found
     if found:
         return None
@@ -422,29 +387,32 @@ def _vae(folder: Path, problems: list[str]) -> AutoencoderKL | None:
     return net.eval()
 
 
-def _scheduler(folder: Path, problems: list[str]) -> tuple[DiffusionConfig | None, bool, TimestepRule | None]:
+def _scheduler(folder: Path, problems: list[str]) -> tuple[DiffusionConfig | None, bool, dict[str, Any]]:
+    """(diffusion, clip x_0, the inference-timestep settings) from scheduler_config.json."""
     path = folder / "scheduler_config.json"
     config = _read_json(path, problems)
     if config is None:
-        return None, False, None
+        return None, False, {}
     config = dict(config)
     # Flow-matching settings of newer multistep schedulers: inert unless use_flow_sigmas / use_dynamic_shifting.
     flow = {k: config.pop(k) for k in ("flow_shift", "use_dynamic_shifting", "time_shift_type", "shift_terminal")
             if k in config}
     if config.get("use_flow_sigmas") or flow.get("use_dynamic_shifting"):
         problems.append(f"{path}: flow-matching sigmas (use_flow_sigmas / use_dynamic_shifting) are not supported")
-        return None, False, None
+        return None, False, {}
     try:
         settings = scheduler_settings(config, str(path))
     except ValueError as e:
         problems.append(str(e))
-        return None, False, None
+        return None, False, {}
     if VarianceType(settings.diffusion.variance) == VarianceType.LEARNED_RANGE:
         problems.append(f"{path}: variance_type=learned_range needs a UNet with twice the channels; not supported")
-    rule = TimestepRule(str(config.get("timestep_spacing", "leading")), int(config.get("steps_offset", 0)),
-                        bool(config.get("set_alpha_to_one", True)))
-    if rule.spacing not in ("leading", "trailing", "linspace"):
-        problems.append(f"{path}: timestep_spacing={rule.spacing!r} is not supported (leading, trailing, linspace)")
+    rule = {"timestep_spacing": str(config.get("timestep_spacing", "leading")),
+            "steps_offset": int(config.get("steps_offset", 0)),
+            "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
+    if rule["timestep_spacing"] not in ("leading", "trailing", "linspace"):
+        problems.append(f"{path}: timestep_spacing={rule['timestep_spacing']!r} is not supported "
+                        "(leading, trailing, linspace)")
     # clip_sample defaults to True only in DDIM/DDPM configs; PNDM, Euler, ... have no such setting (no clipping).
     clip = bool(config.get("clip_sample", config.get("_class_name") in ("DDIMScheduler", "DDPMScheduler")))
     return settings.diffusion, clip, rule
@@ -552,13 +520,12 @@ def load_sd_folder(path: str | Path, device: str | torch.device = "cpu") -> Late
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"Stable Diffusion folder not found: {root}")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
     problems: list[str] = []
     _check_index(root, problems)  # also names each missing subfolder; the parts below read only those present
     has = {name: (root / name).is_dir() for name in _COMPONENTS}
     unet, latent_size = _unet(root / "unet", problems) if has["unet"] else (None, None)
     vae = _vae(root / "vae", problems) if has["vae"] else None
-    diffusion, clip, rule = _scheduler(root / "scheduler", problems) if has["scheduler"] else (None, False, None)
+    diffusion, clip, rule = _scheduler(root / "scheduler", problems) if has["scheduler"] else (None, False, {})
     text = _text_encoder(root, problems) if has["text_encoder"] and has["tokenizer"] else None
     if unet is not None and vae is not None and unet.cfg.in_channels != vae.cfg.latent_channels:
         problems.append(f"unet in_channels={unet.cfg.in_channels} but vae latent_channels={vae.cfg.latent_channels}")
@@ -567,12 +534,12 @@ def load_sd_folder(path: str | Path, device: str | torch.device = "cpu") -> Late
                         f"{text.dim}")
     if problems:
         raise StableDiffusionFolderError(f"{root} is not a usable Stable Diffusion folder: {'; '.join(problems)}")
-    assert unet and vae and text and diffusion and latent_size
-    model = LatentDiffusionModel(unet, vae, text, diffusion, latent_size, clip, rule, root)
+    assert unet is not None and vae is not None and text is not None and diffusion is not None and latent_size
+    model = LatentDiffusionModel(unet, vae, text, diffusion, latent_size, clip, **rule, path=root)
     return model.to(device)
 
 
 __all__ = [
-    "CLIPPromptEncoder", "LatentDiffusionModel", "PromptEncoder", "StableDiffusionFolderError", "TimestepRule",
-    "load_sd_folder", "unet_config_from_diffusers", "unet_state_from_diffusers",
+    "CLIPPromptEncoder", "LatentDiffusionModel", "StableDiffusionFolderError", "load_sd_folder",
+    "unet_config_from_diffusers", "unet_state_from_diffusers",
 ]

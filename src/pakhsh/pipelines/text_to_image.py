@@ -2,16 +2,19 @@
 classifier-free guidance against the empty (or negative) prompt -> VAE decode -> images in [-1, 1].
 
 `TextToImagePipeline.from_pretrained(folder)` takes a local diffusers Stable Diffusion folder
-(`interop.stable_diffusion.load_sd_folder`); any `LatentDiffusionModel` bundle works. With the folder's own DDIM
-settings, eta = 0 and the same starting latents this computes what diffusers' StableDiffusionPipeline does
-(tests/interop/test_stable_diffusion.py states the tolerance).
+(`interop.stable_diffusion.load_sd_folder`); any `LatentDiffusionModel` bundle works. With DDIM at eta = 0 and
+the same starting latents this computes what diffusers' StableDiffusionPipeline computes with a DDIMScheduler of
+"leading" spacing and set_alpha_to_one=True (tests/interop/test_stable_diffusion.py states the tolerance).
 
 Which timesteps. A folder's scheduler config says how diffusers picks N of its T training steps
 (`timestep_spacing`, `steps_offset`; SD ships "leading" + 1: 1, 21, ..., 981 for N = 50). The pipeline walks the
-same steps (`spacing="scheduler"`, the default) for every sampler; `spacing="pakhsh"` uses pakhsh's own respacing
-instead. Every pakhsh chain ends on the x_0 prediction (abar = 1): that is diffusers' DDIM with
-set_alpha_to_one=True. SD folders ship set_alpha_to_one=False, where diffusers' last DDIM step stops at abar of
-training step 0 (0.99915 for SD) instead, leaving sqrt(1 - 0.99915) ~ 3% of its eps estimate in the latents.
+same steps (`spacing="scheduler"`, the default) with every sampler; `spacing="pakhsh"` uses pakhsh's own
+respacing instead. Two diffusers DDIM details differ on purpose:
+  - every pakhsh chain ends on the x_0 prediction (abar = 1), diffusers' set_alpha_to_one=True. SD folders ship
+    False: diffusers' last step then stops at abar of training step 0 (0.99915 for SD), leaving
+    sqrt(1 - 0.99915) ~ 3% of its last eps estimate in the latents;
+  - diffusers' DDIM always steps back by T // N, which skips or overshoots the next listed timestep for
+    "linspace", and for "trailing" when N does not divide T; pakhsh steps to the next listed one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 
 from ..conditioning.text import TextEmbedding, truncation_notice
@@ -35,7 +39,28 @@ Spacing = Literal["scheduler", "pakhsh"]
 # Stable Diffusion's usual settings: 50 deterministic DDIM steps at guidance 7.5.
 DEFAULT_SETTINGS = SampleSettings(sampler="ddim", steps=50, guidance=7.5)
 
-__all__ = ["DEFAULT_SETTINGS", "LatentDiffusionModel", "TextToImagePipeline"]
+__all__ = ["DEFAULT_SETTINGS", "LatentDiffusionModel", "TextToImagePipeline", "scheduler_timesteps"]
+
+
+def scheduler_timesteps(spacing: str, steps_offset: int, num_train_steps: int, steps: int) -> list[int]:
+    """The training steps diffusers' DDIMScheduler.set_timesteps(steps) visits for this timestep_spacing and
+    steps_offset, ascending (its other schedulers choose alike)."""
+    T = num_train_steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps {steps}: this model has T={T} training steps; use 1..{T}")
+    if spacing == "leading":
+        t = np.arange(steps) * (T // steps) + steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        t = np.linspace(0, T - 1, steps).round().astype(np.int64)
+    else:
+        raise ValueError(f"timestep_spacing {spacing!r} is not supported (leading, trailing, linspace)")
+    kept = sorted({int(v) for v in t})
+    if kept[0] < 0 or kept[-1] >= T:
+        raise ValueError(f"steps {steps} with steps_offset={steps_offset} reaches timestep {kept[-1]}, "
+                         f"outside 0..{T - 1}")
+    return kept
 
 
 def _prompt_list(prompts: str | Sequence[str], name: str) -> list[str]:
@@ -71,9 +96,9 @@ class TextToImagePipeline:
         T, steps = self.diffusion.num_steps, settings.steps
         if steps is not None and not 1 <= steps <= T:
             raise ValueError(f"steps {steps}: this model has T={T} training steps; use 1..{T}")
-        rule = self.model.timesteps
-        if self.spacing == "scheduler" and rule is not None and steps is not None:
-            return self.diffusion.respace(rule.timesteps(T, steps))
+        m = self.model
+        if self.spacing == "scheduler" and m.timestep_spacing is not None and steps is not None:
+            return self.diffusion.respace(scheduler_timesteps(m.timestep_spacing, m.steps_offset, T, steps))
         spacing = default_spacing(settings.sampler, steps, T)
         return self.diffusion.respace(spacing) if spacing else self.diffusion
 
