@@ -348,7 +348,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
     print("configs (pakhsh train NAME):")
     for name, path in configs.items():
         print(f"  {name:<{width}}  {config_summary(path)}")
-    print("models (pakhsh sample -m NAME):")
+    print("models (pakhsh sample -m NAME; Palette models: pakhsh restore -m NAME):")
     for name in shipped_models():
         print(f"  {name:<{width}}  {_model_title(name)}")
     return 0
@@ -520,6 +520,9 @@ def _info_pakhsh(m: Any) -> None:
     if (m.path / "state.pt").is_file():
         print(f"step:       {load_state(m.path, 'state.pt')['step']}")
     print(f"data:       {cfg.data.name} {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.out_channels}")
+    if cfg.task is not None:  # Palette: what it restores, and how
+        how = "regression baseline, one pass" if cfg.objective == "regression" else "diffusion"
+        print(f"task:       {cfg.task.name} ({how}; `pakhsh restore --task ... -m {m.path.name}`)")
 
 
 def _info_json(m: Any) -> dict[str, Any]:

@@ -99,6 +99,10 @@ class ImagePipeline:
     def __init__(self, loaded: ResolvedModel | LoadedModel, device: str | torch.device = "auto",
                  bf16: bool = False) -> None:
         self.loaded = _resolved(loaded)
+        cfg = self.loaded.config
+        if type(self) is ImagePipeline and cfg is not None and cfg.task is not None:
+            raise ValueError(f"{self.loaded.path} is an image-to-image (Palette, {cfg.task.name}) model: it restores "
+                             "images given to it; use `pakhsh restore INPUT --task ... -m MODEL`")
         self.device = pick_device(str(device))
         self.model = self.loaded.model.to(self.device).eval()
         self.config: ExperimentConfig | None = self.loaded.config  # None for diffusers / openai models
