@@ -108,10 +108,13 @@ def test_export_refuses_what_unet2dmodel_cannot_express(tmp_path: Path, capsys) 
 
 
 def test_shipped_models_map_exactly() -> None:
-    """The shipped configs are ADM defaults: they must export without refusal."""
+    """The shipped unconditional configs are ADM defaults: they must export without refusal (Palette models are
+    refused by name: test_conditioned_nets_are_refused_by_name)."""
     from pakhsh.pipelines import shipped_models
 
     for name in shipped_models():
+        if name.startswith("palette"):
+            continue
         net = resolve_model(name).model
         unet = UNet2DModel(**diffusers_unet_config(net)).eval()
         unet.load_state_dict(to_diffusers_state_dict(net), strict=True)
