@@ -80,3 +80,22 @@ def test_regression_needs_a_task() -> None:
     d["objective"] = "regression"
     with pytest.raises(ValueError, match="objective=regression needs an image-to-image task"):
         from_dict(ExperimentConfig, d)
+
+
+@pytest.mark.parametrize("loss, variance, learn_sigma", [("hybrid", "learned_range", True), ("l1", "fixed_small", False)])
+def test_palette_objectives_train_and_restore(tmp_path: Path, loss: str, variance: str, learn_sigma: bool) -> None:
+    """L_hybrid with a learned variance and L1 (the paper's objectives) through training and every-sampler restore."""
+    from pakhsh.pipelines import SampleSettings
+    from pakhsh.pipelines.palette import PalettePipeline
+
+    cfg = palette_config(tmp_path / loss, model={"learn_sigma": learn_sigma}, train={"sample_every": 0},
+                         diffusion={"loss": loss, "variance": variance})
+    res = Trainer(cfg, progress=False).fit()
+    assert res.step == 4 and res.last_loss == res.last_loss
+    pipe = PalettePipeline.from_pretrained(str(tmp_path / loss), device="cpu")
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    cond = pipe.prepare(x0, "inpaint", mask_kind="center")
+    for sampler in ("ddpm", "ddim", "dpm++2m", "sde-dpm++2m"):
+        out = pipe.restore(cond, SampleSettings(sampler, 3), progress=False)
+        known = cond["mask"].expand_as(out) < 0.5
+        assert torch.equal(out[known], x0[known]), sampler
