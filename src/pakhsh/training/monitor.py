@@ -95,8 +95,9 @@ def _parse_record(line: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
 
 
-def describe_data(ds: Any, data: Any, num_classes: int | None) -> str:
-    """One line saying what training found: "folder /x: 50 images in 5 classes (astro, cat, ...)"."""
+def describe_data(ds: Any, data: Any, num_classes: int | None, task: Any = None) -> str:
+    """One line saying what training found: "folder /x: 50 images in 5 classes (astro, cat, ...)"; for a Palette
+    run, the task it learns instead of a hint about class labels."""
     where = f"folder {data.path}" if data.name == "folder" else f"dataset {data.name}"
     names = getattr(ds, "class_names", None)
     count = getattr(ds, "num_classes", None) or (len(names) if names else None)
@@ -106,6 +107,8 @@ def describe_data(ds: Any, data: Any, num_classes: int | None) -> str:
         return f"{where}: {len(ds):,} images, unlabelled"
     listed = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
     line = f"{where}: {len(ds):,} images in {count} classes{listed}"
+    if task is not None:
+        return f"{where}: {len(ds):,} images, degraded for {task.name} (Palette; the data's labels are not used)"
     if num_classes is None:
         line += f"; the model is unconditional (model.num_classes={count} would condition on them)"
     return line

@@ -107,7 +107,7 @@ class Trainer:
         self._check_labels_fit()
         self._record_class_names()
         cfg = self.cfg
-        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes))
+        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task))
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.net = UNet(cfg.model)
         self.ema = EMA(self.net, tc.ema_rates)
