@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", "-m", default="palette")
     p.add_argument("--regression", default="palette_regression")
-    p.add_argument("--tasks", default=",".join(TASK_NAMES))
+    p.add_argument("--tasks", default=",".join(TASK_NAMES), help='comma-separated; "" for the diversity rows only')
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--num-ref", type=int, default=10000, help="training scenes for the FID reference")
     p.add_argument("--sampler", default="sde-dpm++2m")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--fool-steps", type=int, default=300)
     p.add_argument("--grid-rows", type=int, default=8)
-    p.add_argument("--panorama-width", type=int, default=160)
+    p.add_argument("--panorama-width", type=int, default=160, help="0: no panorama strip")
     p.add_argument("--diversity-models", nargs="*", default=[], help="models for the L1-vs-L2 diversity rows")
     p.add_argument("--diversity-inputs", type=int, default=100)
     p.add_argument("--diversity-samples", type=int, default=4)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads",
                "tasks": {}}
-    for task in args.tasks.split(","):
+    for task in [t for t in args.tasks.split(",") if t]:  # --tasks "" runs only the diversity rows
         rows, grid = run_task(task, pipes, x0, y, samples, featnet, ref, args)
         results["tasks"][task] = rows
         save_grid(grid, out / f"{task}.png", nrow=6, scale=3)
