@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .cli_generate import add_generate_parser, check_generate_args
 from .cli_restore import add_restore_parser, check_restore_args
 
 DEFAULT_MODEL = "shapes"
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
+    add_generate_parser(sub, _positive_int, _nonneg_int, _float_in(0.0, hint=" (1 = no guidance)"))
     add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
                        _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
 
@@ -604,6 +606,9 @@ def _check_before_work(args: argparse.Namespace) -> None:
     for attr in ("image", "image_a", "image_b"):
         if getattr(args, attr, None) is not None:
             _check_image_spec(getattr(args, attr))
+    if args.command == "generate":
+        check_generate_args(args)
+        _check_writable("--out", args.out, False)
     if args.command == "restore":
         check_restore_args(args)
         _check_writable("--out", args.out, Path(args.input).is_dir())
