@@ -101,3 +101,17 @@ def png_header(path: Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + chunk(b"IEND", b""))
     return path
+
+
+# the CLI as a user meets it (tests/e2e)
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code (a return value or argparse's SystemExit) and stderr of `pakhsh ARGV`; never a traceback."""
+    from pakhsh.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err

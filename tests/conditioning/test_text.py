@@ -21,6 +21,7 @@ from pakhsh.conditioning.text import (  # noqa: E402
     resolve_folder,
     truncation_notice,
 )
+from tests.tiny_clip import tiny_clip  # noqa: E402
 
 MINILM = resolve_folder("minilm")
 L = 32  # tokens per prompt in these tests (the default)
@@ -249,34 +250,11 @@ def test_max_length_beyond_the_position_table_is_refused() -> None:
 # ---- tiny random CLIP and T5 folders written with transformers ----
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP's printable stand-ins for the 256 byte values, in their vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def _tiny_clip(folder: Path) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    # CLIP's vocabulary layout: bytes, bytes ending a word, merges, then the two special tokens.
-    alphabet = _byte_alphabet()
-    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
-    eot = vocab["<|endoftext|>"]
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=40, bos_token_id=eot - 1,
-                            eos_token_id=eot, pad_token_id=eot)
+    config, tokenizer = tiny_clip(max_positions=40)
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     CLIPTextModel(config).save_pretrained(folder)
 

@@ -20,19 +20,9 @@ import pakhsh.cli as cli
 from pakhsh.cli import main
 from pakhsh.evaluation import FEATNETS
 from pakhsh.pipelines import ImagePipeline
+from tests.conftest import run_cli as run
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples", "ignore:KID subset size", "ignore:IS.*splits")
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code (a return value or argparse's SystemExit) and stderr; never a traceback."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
 
 
 def one_line(err: str) -> bool:

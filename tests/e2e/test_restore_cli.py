@@ -18,6 +18,7 @@ from pakhsh.cli import main
 from pakhsh.data.builtin.shapes import ShapesDataset
 from pakhsh.pipelines.palette import PalettePipeline
 from tests.pipelines.test_palette_pipeline import palette_run
+from tests.conftest import run_cli as run
 
 SIZE = 16
 PAD = 2  # make_grid's padding around and between tiles
@@ -96,17 +97,6 @@ def tile(grid: np.ndarray, row: int, col: int, scale: int) -> np.ndarray:
     small = grid[::scale, ::scale]
     top, left = PAD + row * (SIZE + PAD), PAD + col * (SIZE + PAD)
     return small[top : top + SIZE, left : left + SIZE]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code (a return value or argparse's SystemExit) and stderr; never a traceback."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
 
 
 def error_line(err: str) -> str:

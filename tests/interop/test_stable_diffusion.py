@@ -37,6 +37,7 @@ from pakhsh.nets.unet import UNet  # noqa: E402
 from pakhsh.pipelines.text_to_image import TextToImagePipeline, scheduler_timesteps  # noqa: E402
 from pakhsh.pipelines.unconditional import SampleSettings  # noqa: E402
 from pakhsh.samplers import SAMPLERS, ClassifierFreeGuidance  # noqa: E402
+from tests.tiny_clip import tiny_clip  # noqa: E402
 
 PROMPTS = ["a red circle", "red"]
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -57,31 +58,9 @@ def _one_thread(_threads: None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the tiny folder
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP's printable stand-ins for the 256 byte values, in their vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def _clip() -> tuple[nn.Module, object]:
     """A CLIPTokenizer written offline (bytes, a few merges, the two specials) and a 2-layer CLIP text model."""
-    alphabet = _byte_alphabet()
-    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
-    eot = vocab["<|endoftext|>"]
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                         bos_token_id=eot - 1, eos_token_id=eot, pad_token_id=eot)
+    config, tokenizer = tiny_clip(max_positions=16, model_max_length=16)
     return transformers.CLIPTextModel(config), tokenizer
 
 
