@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pakhsh.data.builtin.shapes import COLORS, COLOR_NAMES, ShapesDataset

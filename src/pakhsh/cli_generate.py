@@ -52,7 +52,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipelines import SampleSettings
     from .pipelines.text_to_image import TextToImagePipeline
 
-    check_generate_args(args)
     pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, bf16=args.bf16)
     prompts = [p for p in args.prompts for _ in range(args.num)]  # row per prompt: its --num images side by side
     settings = SampleSettings(args.sampler, args.steps, guidance=args.guidance)

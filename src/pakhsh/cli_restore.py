@@ -101,9 +101,9 @@ def check_restore_args(args: argparse.Namespace) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .imageio import save_grid, save_png, to_uint8
     from .pipelines import SampleSettings
-    from .pipelines.palette import PalettePipeline
+    from .pipelines.palette import PalettePipeline, read_input
 
-    check_restore_args(args)
+    # check_restore_args ran in cli.main before any work (it also sets the default --out)
     pipe = PalettePipeline.from_pretrained(args.model, ema=not args.no_ema, device=args.device, bf16=args.bf16,
                                            source=args.source_format, openai_flags=args.openai_flags)
     pipe.check_task(args.task)
@@ -117,7 +117,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         files, images = [Path(args.input.replace(":", "_"))], pipe.data_image(args.input)
     else:
         files = _input_files(Path(args.input))
-        images = torch.cat([_read(f, pipe.size) for f in files])
+        images = torch.cat([read_input(f, pipe.size) for f in files])
     if args.task == "panorama":
         return _panorama(args, pipe, images, settings)
     mask = _mask(args, pipe, files) if args.task == "inpaint" else None
@@ -185,13 +185,6 @@ def _input_files(src: Path) -> list[Path]:
     if not files:
         raise ValueError(f"input folder {src} holds no images (.png, .jpg, ...)")
     return files
-
-
-def _read(path: Path, size: int) -> torch.Tensor:
-    """One image file at the model's size (1, 3, size, size), a notice when it was resized or cropped."""
-    from .pipelines.palette import read_input
-
-    return read_input(path, size)
 
 
 def _mask(args: argparse.Namespace, pipe: Any, files: list[Path]) -> torch.Tensor | None:

@@ -181,26 +181,20 @@ class PalettePipeline(ImagePipeline):
 def read_input(path: str | Path, size: int) -> Tensor:
     """One image file -> (1, 3, size, size) in [-1, 1] (grey files become RGB); a notice says when it was
     centre-cropped to a square or resized to the model's resolution."""
-    from ..data.image_folder import CorruptImageError, open_image
-    from ..data.transforms import ImageTransform
+    from PIL import Image
 
-    p = Path(path)
-    try:
-        img = open_image(p, size)
-    except CorruptImageError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {p}: {e}") from None
-    w, h = img.size
+    from ..imageio import load_image
+
+    x = load_image(path, size=size, channels=3)  # safe decoding and one-line errors naming the file
+    with Image.open(path) as im:  # the header only: the size the notices name
+        w, h = im.size
+    name = Path(path).name
     if w != h:
-        warnings.warn(f"{p.name} is {w}x{h}: centre-cropped to a square", stacklevel=2)
+        warnings.warn(f"{name} is {w}x{h}: centre-cropped to a square", stacklevel=2)
     if min(w, h) != size:
-        warnings.warn(f"{p.name} is {w}x{h}: resized to {size}x{size}, the model's resolution (the output is "
+        warnings.warn(f"{name} is {w}x{h}: resized to {size}x{size}, the model's resolution (the output is "
                       f"{size}x{size})", stacklevel=2)
-    try:
-        return ImageTransform(size=size, channels=3)(img).unsqueeze(0)
-    except ValueError as e:
-        raise ValueError(f"cannot read image {p}: {e}") from None
+    return x
 
 
 def read_mask_for(mask_path: Path, image_path: Path | None, size: int) -> Tensor:
