@@ -1,7 +1,9 @@
-"""A folder of images (recursive), with class labels from first-level subfolders and corrupt-file handling."""
+"""A folder of images (recursive), with class labels from first-level subfolders, optional captions and
+corrupt-file handling."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -28,6 +30,11 @@ _JPEG_MAX_REDUCTION = 64  # JPEG DCT scaling (Image.draft) decodes at down to 1/
 SMALL_IMAGE_FRACTION = 0.5
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _LISTED = 5  # files named in a notice before "... and N more"
+# Caption files at the folder root, one JSON object per line: {"file": "sub/a.png", "caption": "..."}; the keys of
+# Hugging Face imagefolder metadata ({"file_name": ..., "text": ...}) work too. Read in this order.
+CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
+_FILE_KEYS = ("file", "file_name")  # the first one present is used
+_TEXT_KEYS = ("caption", "text")
 
 
 class CorruptImageError(ValueError):
@@ -36,6 +43,11 @@ class CorruptImageError(ValueError):
 
 class ImageTooLargeError(CorruptImageError):
     """An image with more pixels than pakhsh decodes (MAX_PIXELS); the message names the file and its size."""
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be used (a bad .jsonl line, a file that is not UTF-8, ...); the message names the file
+    and, for .jsonl files, the line."""
 
 
 class ImageHeader(NamedTuple):
@@ -120,6 +132,104 @@ def scan_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def clean_caption(text: str) -> str:
+    """Surrounding whitespace stripped, lines joined with single spaces (blank lines dropped)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+
+
+def read_caption_txt(path: Path) -> str:
+    """The caption in a `.txt` file beside an image: UTF-8 (a byte-order mark is allowed), see `clean_caption`."""
+    try:
+        return clean_caption(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise CaptionError(f"caption file {path}: {_not_utf8(e)}") from None
+
+
+def sidecar_captions(paths: list[Path]) -> dict[Path, Path]:
+    """image -> its caption file `NAME.txt` in the same folder (any letter case of `.txt`; `.txt` wins a tie).
+
+    Each folder is listed once, so a large folder costs one directory read rather than a stat per image.
+    """
+    by_dir: dict[Path, dict[str, str]] = {}
+    found: dict[Path, Path] = {}
+    for p in paths:
+        names = by_dir.get(p.parent)
+        if names is None:
+            names = {}
+            try:
+                entries = sorted(os.listdir(p.parent))
+            except OSError:
+                entries = []
+            for f in entries:
+                stem, ext = os.path.splitext(f)
+                if ext.lower() == ".txt" and not f.startswith(".") and (stem not in names or ext == ".txt"):
+                    names[stem] = f
+            by_dir[p.parent] = names
+        name = names.get(p.stem)
+        if name is not None and (p.parent / name).is_file():
+            found[p] = p.parent / name
+    return found
+
+
+class _Entry(NamedTuple):
+    source: Path  # the .jsonl file
+    line: int
+    file: str  # as written in the line
+    caption: str
+
+
+def _jsonl_key(obj: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in obj), None)
+
+
+def read_caption_jsonl(path: Path) -> list[_Entry] | None:
+    """The entries of a captions .jsonl file; blank lines are skipped, anything else that is not a JSON object with
+    a file key ("file" or "file_name") and a string caption ("caption" or "text") raises CaptionError naming the
+    line. A `metadata.jsonl` in which no line has a caption key holds other metadata: None (no captions)."""
+    objects: list[tuple[int, dict]] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise CaptionError(f"{path} line {n}: {_not_utf8(e)}") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CaptionError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise CaptionError(
+                    f'{path} line {n}: expected a JSON object like {{"file": "a.png", "caption": "..."}}, '
+                    f"got a JSON {type(obj).__name__}"
+                )
+            objects.append((n, obj))
+    if path.name == "metadata.jsonl" and not any(_jsonl_key(o, _TEXT_KEYS) for _, o in objects):
+        return None
+    entries = []
+    for n, obj in objects:
+        fkey, tkey = _jsonl_key(obj, _FILE_KEYS), _jsonl_key(obj, _TEXT_KEYS)
+        if fkey is None or tkey is None:
+            missing = " and ".join(
+                " or ".join(f'"{k}"' for k in keys) for key, keys in ((fkey, _FILE_KEYS), (tkey, _TEXT_KEYS))
+                if key is None
+            )
+            raise CaptionError(f"{path} line {n}: no {missing} key (keys present: {', '.join(obj) or 'none'})")
+        file, text = obj[fkey], obj[tkey]
+        if not isinstance(file, str) or not file.strip():
+            raise CaptionError(f'{path} line {n}: "{fkey}" must be a non-empty string (a path relative to the '
+                               f"folder), got {json.dumps(file)}")
+        if not isinstance(text, str):
+            raise CaptionError(f'{path} line {n}: "{tkey}" must be a string, got {json.dumps(text)}')
+        entries.append(_Entry(path, n, file, clean_caption(text)))
+    return entries
+
+
 def _jpeg_truncated(path: Path) -> bool:
     """A JPEG without an end-of-image marker near its end was cut short (verify() does not notice)."""
     with open(path, "rb") as f:
@@ -198,7 +308,16 @@ class ImageFolderDataset(ImageDataset):
     blur. Images over MAX_PIXELS count as unreadable (large JPEGs are decoded at reduced scale instead).
     `headers` holds each kept file's ImageHeader (size, mode) when verified, else is empty.
 
-    Sample keys: "image" (C, size, size) in [-1, 1], "label" (when labelled), "path" (str).
+    Captions (for text-to-image training): from `NAME.txt` beside `NAME.png` (UTF-8; lines joined with spaces), or
+    from `captions.jsonl` / `metadata.jsonl` at the folder root, one {"file": "sub/a.png", "caption": "..."} per line
+    ("file_name" and "text" work too, as in Hugging Face imagefolder metadata). A .jsonl entry wins over a .txt
+    (a notice counts them). When any image has a caption, `has_captions` is True and every sample has "caption":
+    images without one get "" (unconditional; a notice counts them). A bad .jsonl line raises CaptionError naming
+    the file and line; an entry naming a file that is not an image of the folder raises too when `strict`, else it
+    is ignored with a notice. `captions` holds each kept image's caption (aligned with `paths`), or None.
+
+    Sample keys: "image" (C, size, size) in [-1, 1], "label" (when labelled), "caption" (str, when the folder has
+    captions), "path" (str).
     """
 
     name = "folder"
@@ -236,6 +355,7 @@ class ImageFolderDataset(ImageDataset):
             )
         self.class_names = _class_names(self.root, paths)
         self.num_classes = len(self.class_names) if self.class_names is not None else None
+        found = self._read_captions(paths)  # before verification: a bad caption file fails fast
         self.skipped: list[str] = []
         self.headers: list[ImageHeader] = []
         self.paths = self._drop_corrupt(paths, verify_workers) if verify else paths
@@ -243,6 +363,67 @@ class ImageFolderDataset(ImageDataset):
         if not self.paths:
             raise ValueError(f"no readable images in {self.root}: all {len(paths)} files are corrupt")
         self._class_index = {c: i for i, c in enumerate(self.class_names or [])}
+        self.captions = self._fill_captions(found)
+        self.has_captions = self.captions is not None
+
+    def _read_captions(self, paths: list[Path]) -> dict[Path, str]:
+        """image -> caption from the root's .jsonl files and the .txt files beside images (the .jsonl wins)."""
+        index = {os.path.normpath(p): p for p in paths}
+        from_jsonl: dict[Path, _Entry] = {}
+        unknown: list[_Entry] = []
+        for name in CAPTION_FILES:
+            source = self.root / name
+            if not source.is_file():
+                continue
+            entries = read_caption_jsonl(source)
+            if entries is None:
+                warnings.warn(f"{source}: no line has a \"text\" or \"caption\" key; it gives no captions",
+                              stacklevel=3)
+                continue
+            for e in entries:
+                image = index.get(os.path.normpath(self.root / e.file))
+                if image is None:
+                    unknown.append(e)
+                    continue
+                first = from_jsonl.get(image)
+                if first is not None and first.caption != e.caption:
+                    where = f"line {first.line}" if first.source == e.source else f"{first.source} line {first.line}"
+                    raise CaptionError(f"{e.source} line {e.line}: a second, different caption for {e.file} "
+                                       f"(the first is at {where}); give one caption per image")
+                from_jsonl.setdefault(image, e)
+        if unknown:
+            what = f"not an image in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, hidden files skipped)"
+            if self.strict:
+                e = unknown[0]
+                more = f" (and {len(unknown) - 1} more entries name no image)" if len(unknown) > 1 else ""
+                raise CaptionError(f"{e.source} line {e.line}: {e.file!r} is {what}{more}")
+            named = [f"{e.source.name} line {e.line} ({e.file})" for e in unknown]
+            warnings.warn(f"ignoring {len(unknown)} caption entr{'y' if len(unknown) == 1 else 'ies'} naming "
+                          f"files that are not images in {self.root}: {listing(named)}", stacklevel=3)
+        sidecars = sidecar_captions(paths)
+        both = [p for p in paths if p in from_jsonl and p in sidecars]
+        if both:
+            sources = " / ".join(sorted({from_jsonl[p].source.name for p in both}))
+            warnings.warn(f"{self.root}: {len(both)} image(s) have both a .txt caption and an entry in {sources}; "
+                          f"the {sources} caption is used: {listing([str(p.relative_to(self.root)) for p in both])}",
+                          stacklevel=3)
+        captions = {p: e.caption for p, e in from_jsonl.items()}
+        for p, txt in sidecars.items():
+            if p not in captions:
+                captions[p] = read_caption_txt(txt)
+        return captions
+
+    def _fill_captions(self, found: dict[Path, str]) -> list[str] | None:
+        """Each kept image's caption ("" where it has none, with a notice), or None when none has a caption."""
+        captions = [found.get(p) for p in self.paths]
+        lacking = [str(p.relative_to(self.root)) for p, c in zip(self.paths, captions) if c is None]
+        if len(lacking) == len(captions):
+            return None
+        if lacking:
+            warnings.warn(f"{self.root}: {len(lacking)} of {len(captions)} image(s) have no caption (no .txt beside "
+                          f"them, no .jsonl entry); they train with the empty caption \"\" (unconditional): "
+                          f"{listing(lacking)}", stacklevel=3)
+        return [c if c is not None else "" for c in captions]
 
     def _drop_corrupt(self, paths: list[Path], workers: int) -> list[Path]:
         headers = _inspect_all(paths, workers)
@@ -291,7 +472,8 @@ class ImageFolderDataset(ImageDataset):
 
     def _get(self, index: int) -> Sample:
         for attempt in range(min(_LOAD_RETRIES, len(self.paths))):
-            path = self.paths[(index + attempt) % len(self.paths)]
+            i = (index + attempt) % len(self.paths)
+            path = self.paths[i]
             try:
                 img = self._decode(path)
             except CorruptImageError as e:
@@ -305,5 +487,7 @@ class ImageFolderDataset(ImageDataset):
             label = self.label_of(path)
             if label is not None:
                 sample["label"] = label
+            if self.captions is not None:
+                sample["caption"] = self.captions[i]
             return sample
         raise CorruptImageError(f"{self.root}: {_LOAD_RETRIES} consecutive files from index {index} failed to decode")
