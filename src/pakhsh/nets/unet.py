@@ -7,7 +7,9 @@ chosen resolutions) and a downsample -> middle (ResBlock, attention, ResBlock) -
 The network knows nothing about diffusion: `t` is just a number embedded sinusoidally, `y` an optional label,
 `concat` optional condition channels stacked onto the input (Palette's degraded image and mask), `context`
 optional condition tokens (text) read by cross-attention: with `context_dim` set, every attention block is a
-latent-diffusion `SpatialTransformer` instead (Stable Diffusion's UNet).
+latent-diffusion `SpatialTransformer` instead (Stable Diffusion's UNet). With `layout_classes` set too, `boxes` and
+`box_labels` become layout tokens (`pakhsh.nets.layout.LayoutEncoder`) appended after the text tokens, so the same
+cross-attention reads both (latent diffusion's layout-to-image); a layout-only model takes no `context` at all.
 Label `num_classes` is the *null class* (unconditional), the slot classifier-free guidance drops labels to.
 """
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pakhsh.nets.attention import AttentionBlock, resolve_heads
+from pakhsh.nets.layout import LayoutEncoder
 from pakhsh.nets.layers import Downsample, ResBlock, Resample, Upsample, norm, timestep_embedding, zero_module
 from pakhsh.nets.transformer import SpatialTransformer
 
@@ -48,6 +51,8 @@ class UNetConfig:
     context_dim: int | None = None  # width of cross-attention condition tokens; None = self-attention only (ADM)
     transformer_depth: int = 1  # transformer blocks per SpatialTransformer (only with context_dim)
     use_linear_projection: bool = False  # SpatialTransformer proj_in/out as Linear (SD 2.x) vs 1x1 conv (SD 1.x)
+    layout_classes: int | None = None  # object classes of layout (box) tokens; needs context_dim; None = no layout
+    layout_max_objects: int = 8  # most boxes per image the layout input may hold (only with layout_classes)
 
     def __post_init__(self) -> None:
         self.attention_resolutions = tuple(self.attention_resolutions)
@@ -85,6 +90,11 @@ def validate_config(cfg: UNetConfig) -> None:
     _check(cfg.context_dim is None or cfg.context_dim >= 1, "context_dim",
            f"must be None or >= 1, got {cfg.context_dim}")
     _check(cfg.transformer_depth >= 1, "transformer_depth", f"must be >= 1, got {cfg.transformer_depth}")
+    _check(cfg.layout_classes is None or cfg.layout_classes >= 1, "layout_classes",
+           f"must be None or >= 1, got {cfg.layout_classes}")
+    _check(cfg.layout_classes is None or cfg.context_dim is not None, "layout_classes",
+           "needs context_dim (layout tokens are read by cross-attention); set context_dim, e.g. 256")
+    _check(cfg.layout_max_objects >= 1, "layout_max_objects", f"must be >= 1, got {cfg.layout_max_objects}")
     reachable = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
     for r in cfg.attention_resolutions:
         _check(r in reachable, "attention_resolutions", f"{r} is not a level resolution; levels are {reachable}")
@@ -122,7 +132,8 @@ class EmbedSequential(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """ADM UNet: (x (B, C_in, H, W), t (B,), y (B,) | None, context (B, L, D) | None) -> (B, out_dim, H, W)."""
+    """ADM UNet: (x (B, C_in, H, W), t (B,), y (B,) | None, context (B, L, D) | None, boxes (B, N, 4) | None,
+    box_labels (B, N) | None) -> (B, out_dim, H, W)."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -138,6 +149,11 @@ class UNet(nn.Module):
         self.up, ch = self._build_decoder(skip_widths, ch)
         self.norm_out = norm(ch, cfg.num_groups)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_dim, 3, padding=1))
+        # Built last, and only when asked for: models without layout keep their state-dict keys and initial weights.
+        if cfg.layout_classes is not None:
+            self.layout = LayoutEncoder(cfg.layout_classes, cfg.context_dim, cfg.layout_max_objects)
+        else:
+            self.layout = None
 
     # --- construction -------------------------------------------------------------------------------------
     def _res(self, cin: int, cout: int, resample: Resample = "none") -> ResBlock:
@@ -224,6 +240,42 @@ class UNet(nn.Module):
                 raise ValueError("context_mask must keep at least one token (True) per sample")
         return context.to(x.dtype), context_mask
 
+    def _layout_context(
+        self, x: Tensor, context: Tensor | None, context_mask: Tensor | None, boxes: Tensor | None,
+        box_labels: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Text context (checked as `_check_context` does) followed by the layout tokens, and their joint mask.
+
+        Without layout_classes, boxes are refused and the text context passes through unchanged. With it, the text
+        part is optional (a layout-only model) and missing boxes mean "no objects": the null token alone.
+        """
+        if self.layout is None:
+            if boxes is not None or box_labels is not None:
+                raise ValueError("boxes/box_labels given but UNetConfig.layout_classes is None (this UNet has no "
+                                 "layout input)")
+            return self._check_context(x, context, context_mask)
+        b = x.shape[0]
+        if (boxes is None) != (box_labels is None):
+            given, missing = ("boxes", "box_labels") if boxes is not None else ("box_labels", "boxes")
+            raise ValueError(f"{given} given without {missing}; pass both (B, N, 4) boxes and (B, N) box_labels")
+        if boxes is None:  # no layout: every image gets only the null token (the classifier-free-guidance null)
+            boxes = x.new_zeros(b, 0, 4)
+            box_labels = torch.zeros(b, 0, dtype=torch.long, device=x.device)
+        if not isinstance(boxes, Tensor) or boxes.ndim != 3 or boxes.shape[0] != b:
+            got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"boxes must be ({b}, N, 4) (B, N, 4), got {got}")
+        if isinstance(box_labels, Tensor):
+            box_labels = box_labels.to(x.device)
+        tokens, mask = self.layout(boxes.to(x.device), box_labels)  # (B, N+1, D), (B, N+1); checks the rest
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("context_mask given without context")
+            return tokens.to(x.dtype), mask
+        context, context_mask = self._check_context(x, context, context_mask)
+        if context_mask is None:  # text without a mask: every text token is real
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        return torch.cat([context, tokens.to(context.dtype)], dim=1), torch.cat([context_mask, mask], dim=1)
+
     def _check_inputs(self, x: Tensor, t: Tensor | float, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Validate shapes at the boundary; returns t as (B,) and y as (B,) labels (null class if None)."""
         c = self.cfg
@@ -265,12 +317,16 @@ class UNet(nn.Module):
         concat: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        boxes: Tensor | None = None,
+        box_labels: Tensor | None = None,
     ) -> Tensor:
         """x: (B, C_in, H, W), t: (B,) timesteps, y: (B,) labels or None, concat: (B, cond_channels, H, W) or None,
-        context: (B, L, context_dim) condition tokens (required iff context_dim is set), context_mask: (B, L) bool,
-        True = real token, False = padding left out of cross-attention -> (B, out_dim, H, W) in x's dtype."""
+        context: (B, L, context_dim) condition tokens (required iff context_dim is set, unless the model has
+        layout_classes), context_mask: (B, L) bool, True = real token, False = padding left out of cross-attention,
+        boxes: (B, N, 4) x0, y0, x1, y1 as fractions of the image in [0, 1] and box_labels: (B, N) class indices,
+        -1 = no object (only with layout_classes; both None = no objects) -> (B, out_dim, H, W) in x's dtype."""
         t, y = self._check_inputs(x, t, y)
-        context, context_mask = self._check_context(x, context, context_mask)
+        context, context_mask = self._layout_context(x, context, context_mask, boxes, box_labels)
         if concat is None and self.cfg.cond_channels:
             raise ValueError(f"this UNet takes {self.cfg.cond_channels} condition channels (concat=...); none given")
         x_in = x if concat is None else torch.cat([x, self._check_concat(x, concat)], dim=1)
