@@ -194,3 +194,12 @@ def load_json(cls: type[T], path: str | Path) -> T:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON: {e}") from None
     return from_dict(cls, data)
+
+
+def cache_root() -> Path:
+    """Where pakhsh keeps what it can recompute (reference statistics, encoded captions): $PAKHSH_CACHE when set,
+    else ~/.cache/pakhsh (XDG_CACHE_HOME respected)."""
+    import os
+
+    root = os.environ.get("PAKHSH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "pakhsh"
+    return Path(root).expanduser()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -53,8 +52,9 @@ FEATNET_FILE = "model.safetensors"
 
 def default_stats_dir() -> Path:
     """$PAKHSH_CACHE/stats when set, else ~/.cache/pakhsh/stats (XDG_CACHE_HOME respected)."""
-    root = os.environ.get("PAKHSH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "pakhsh"
-    return Path(root).expanduser() / "stats"
+    from .config import cache_root
+
+    return cache_root() / "stats"
 
 
 @dataclass

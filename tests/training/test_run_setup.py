@@ -79,7 +79,7 @@ def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_experiment("shapes").name == "shapes"
     assert load_experiment("fashion_mnist.yaml").model.in_channels == 1
-    with pytest.raises(ConfigError, match=r"config nosuch: not found; .*shipped config name \(cifar_iddpm, "):
+    with pytest.raises(ConfigError, match=r"config nosuch: not found; .*shipped config name \(autoencoder_f4, .*cifar_iddpm, "):
         load_experiment("nosuch")
     # the repository layout older docs (and issues) use: configs/NAME.yaml is the shipped NAME when no such file exists
     assert load_experiment("configs/palette_jpeg.yaml").task.name == "jpeg"

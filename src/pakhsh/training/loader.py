@@ -66,14 +66,30 @@ class EpochView(Dataset):
         set_epoch = getattr(self.base, "set_epoch", None)
         if set_epoch is not None and getattr(self.base, "epoch", None) != epoch:
             set_epoch(epoch)
-        return self.base[i]
+        item = self.base[i]
+        if isinstance(item, dict):  # the dataset index: latent runs look their cached encodings up by it
+            item = {**item, "index": i}
+        return item
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack images (and integer labels); the other per-sample keys (captions, boxes) are not trained on."""
-    out = {"image": torch.stack([s["image"] for s in samples])}
-    if "label" in samples[0]:
+# per-sample keys the objectives use besides the image and label: conditions of latent models
+_STACKED = ("segmentation", "boxes", "objects")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images, integer labels, dataset indices (caches of latent runs) and the condition tensors; captions
+    stay a list of strings. Other per-sample keys are not trained on."""
+    first = samples[0]
+    out: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+    if "label" in first:
         out["label"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    if "index" in first:
+        out["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
+    if "caption" in first:
+        out["caption"] = [str(s.get("caption", "")) for s in samples]
+    for key in _STACKED:
+        if key in first:
+            out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     return out
 
 

@@ -95,10 +95,20 @@ def _parse_record(line: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
 
 
-def describe_data(ds: Any, data: Any, num_classes: int | None, task: Any = None) -> str:
+def describe_data(ds: Any, data: Any, num_classes: int | None, task: Any = None, cfg: Any = None) -> str:
     """One line saying what training found: "folder /x: 50 images in 5 classes (astro, cat, ...)"; for a Palette
-    run, the task it learns instead of a hint about class labels."""
+    run, the task it learns instead of a hint about class labels; for autoencoder and latent runs, what they use."""
     where = f"folder {data.path}" if data.name == "folder" else f"dataset {data.name}"
+    if cfg is not None and cfg.is_autoencoder:
+        return f"{where}: {len(ds):,} images ({data.image_size}x{data.image_size}), for the autoencoder"
+    if cfg is not None and cfg.is_latent:
+        c = cfg.condition
+        used = [n for n, on in (("captions", c is not None and c.text is not None),
+                                ("segmentation maps", c is not None and c.segmap),
+                                ("layouts", c is not None and c.layout),
+                                ("class labels", num_classes is not None)) if on]
+        return (f"{where}: {len(ds):,} images ({data.image_size}x{data.image_size}) -> latents of "
+                f"{cfg.latent.autoencoder}; conditioned on {', '.join(used) or 'nothing (unconditional)'}")
     names = getattr(ds, "class_names", None)
     count = getattr(ds, "num_classes", None) or (len(names) if names else None)
     if not count:
@@ -122,6 +132,10 @@ def save_preview(trainer: "Trainer", path: Path) -> Path:
     cfg = trainer.cfg
     if cfg.task is not None:
         return _palette_preview(trainer, path)
+    if cfg.is_autoencoder:
+        return _autoencoder_preview(trainer, path)
+    if cfg.is_latent:
+        return _latent_preview(trainer, path)
     net = _preview_net(trainer)
     n, size = cfg.train.num_preview, cfg.model.image_size
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -138,9 +152,9 @@ def save_preview(trainer: "Trainer", path: Path) -> Path:
 
 def _preview_net(trainer: "Trainer") -> Any:
     """A copy of the network holding the preview EMA weights, in eval mode."""
-    from ..nets.unet import UNet
+    from .objectives import build_net
 
-    net = UNet(trainer.cfg.model).to(trainer.acc.device)
+    net = build_net(trainer.cfg).to(trainer.acc.device)
     net.load_state_dict(trainer.acc.unwrap_model(trainer.model).state_dict())
     trainer.ema.copy_to(net, trainer.cfg.train.preview_ema)
     return net.eval()
@@ -164,3 +178,53 @@ def _palette_preview(trainer: "Trainer", path: Path) -> Path:
                       objective=cfg.objective, generator=g)
     rows = torch.stack([cond["cond_image"].float().cpu(), out.float().cpu(), x0.float().cpu()], dim=1)  # (n, 3, C, H, W)
     return save_grid(rows.flatten(0, 1), path, nrow=3, scale=2)
+
+
+def _autoencoder_preview(trainer: "Trainer", path: Path) -> Path:
+    """Rows of [original | reconstruction (posterior mean)] for the first images of the data."""
+    dev = trainer.acc.device
+    n = min(trainer.cfg.train.num_preview, len(trainer.dataset), 16)
+    x0 = torch.stack([trainer.dataset[i]["image"] for i in range(n)]).to(dev)
+    ae = _preview_net(trainer).autoencoder
+    with torch.no_grad(), trainer.acc.autocast():
+        recon = ae(x0, sample=False)[0]
+    rows = torch.stack([x0.float().cpu(), recon.float().clamp(-1, 1).cpu()], dim=1)
+    return save_grid(rows.flatten(0, 1), path, nrow=min(8, 2 * n) // 2 * 2, scale=2)
+
+
+def _latent_preview(trainer: "Trainer", path: Path) -> Path:
+    """The first training captions (and maps / layouts) through the text-to-image pipeline: guidance 3, 25 DDIM
+    steps, fixed seed. Rows: [training image | generated]."""
+    from dataclasses import replace
+
+    from ..interop.stable_diffusion import LatentDiffusionModel
+    from ..nets.autoencoder import build_autoencoder
+    from ..pipelines.text_to_image import TextToImagePipeline
+    from ..pipelines.unconditional import SampleSettings
+
+    cfg, system = trainer.cfg, trainer.system
+    assert cfg.latent is not None and system is not None
+    n = min(cfg.train.num_preview, len(trainer.dataset), 16)
+    items = [trainer.dataset[i] for i in range(n)]
+    vae = build_autoencoder(replace(system.autoencoder.cfg, scaling_factor=cfg.latent.scale_factor),
+                            cfg.latent.autoencoder)
+    vae.load_state_dict(system.autoencoder.state_dict())
+    m = cfg.model
+    bundle = LatentDiffusionModel(_preview_net(trainer), vae, system.text_encoder, cfg.diffusion,
+                                  (m.image_size, m.image_size), clip_denoised=False, config=cfg)
+    pipe = TextToImagePipeline(bundle, device=trainer.acc.device, spacing="pakhsh")
+    c = cfg.condition
+    prompts = [str(it.get("caption", "")) if pipe.takes_text else "" for it in items]
+    extra: dict[str, Any] = {}
+    if c is not None and c.segmap:
+        extra["segmap"] = torch.stack([torch.as_tensor(it["segmentation"]) for it in items])
+    if c is not None and c.layout:
+        from ..conditioning.layout import batch_layout
+
+        boxes = torch.stack([torch.as_tensor(it["boxes"]) for it in items])
+        objects = torch.stack([torch.as_tensor(it["objects"]) for it in items])
+        extra["layout"] = batch_layout(boxes, objects, items[0]["image"].shape[-1])
+    x = pipe.generate(prompts, None, SampleSettings("ddim", 25, guidance=3.0), seed=cfg.train.seed,
+                      progress=False, **extra)
+    rows = torch.stack([torch.stack([it["image"] for it in items]).float(), x.float()], dim=1)
+    return save_grid(rows.flatten(0, 1), path, nrow=min(8, 2 * n) // 2 * 2, scale=2)

@@ -3,7 +3,10 @@
 - image diffusion (DDPM / Improved DDPM, optionally class-conditional): `training_losses` on the batch's images;
 - Palette (a `task` in the config): the batch is degraded on the fly (tasks.degrade), the net sees the degraded
   image and mask as extra channels (conditioning.concat) and the loss covers the generated pixels only;
-- regression (Palette's baseline): the same net maps the degraded image to x_0 in one pass, L2 on x_0.
+- regression (Palette's baseline): the same net maps the degraded image to x_0 in one pass, L2 on x_0;
+- autoencoder (latent diffusion's first stage): reconstruction + KL (+ GAN), see training/autoencoder.py;
+- latent diffusion (a `latent` section): `training_losses` on the frozen autoencoder's scaled latents, with the
+  text / map / layout conditions of training/latent.py.
 
 Each returns LossTerms with per-sample (B,) terms; the trainer weights, averages and back-propagates them.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from ..conditioning.concat import ConcatConditioned, regression_x0
 from ..diffusion import GaussianDiffusion, training_losses
@@ -28,12 +32,42 @@ class Draws(NamedTuple):
     noise: torch.Tensor  # (B, C, H, W)
     drop: torch.Tensor  # (B,) bool: label replaced by the null class (classifier-free guidance)
     generator: torch.Generator  # CPU generator for anything else the objective draws (degradations)
+    step: int = 0  # the optimizer step this micro-batch belongs to (the autoencoder's discriminator warm-up)
+    latent_eps: torch.Tensor | None = None  # (B, C, h, w) posterior noise of latent runs
+    u: torch.Tensor | None = None  # (B, 3) uniform draws: dropout of text, map and layout conditions
+
+
+def build_net(cfg: ExperimentConfig) -> nn.Module:
+    """The module a run trains: the UNet, or for objective=autoencoder the autoencoder (+ discriminator)."""
+    if cfg.is_autoencoder:
+        from .autoencoder import AutoencoderTrainee
+
+        assert cfg.autoencoder is not None
+        return AutoencoderTrainee(cfg.autoencoder, cfg.autoencoder_loss)
+    from ..nets.unet import UNet
+
+    return UNet(cfg.model)
 
 
 def compute_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusion, batch: dict[str, torch.Tensor],
-                   draws: Draws, device: torch.device) -> LossTerms:
-    """The per-sample loss terms of one micro-batch for the system `cfg` describes."""
+                   draws: Draws, device: torch.device, system: Any = None) -> LossTerms:
+    """The per-sample loss terms of one micro-batch for the system `cfg` describes (`system`: the LatentSystem
+    of a latent run)."""
     x0 = batch["image"].to(device, non_blocking=True)
+    if cfg.is_autoencoder:
+        from .autoencoder import autoencoder_losses
+
+        assert draws.latent_eps is not None
+        return autoencoder_losses(cfg, model, x0, draws.latent_eps, draws.step)
+    if system is not None:
+        assert draws.latent_eps is not None and draws.u is not None
+        z0 = system.latents(batch, draws.latent_eps)
+        cond = system.conditions(batch, draws.u)
+        if cfg.model.num_classes is not None:  # class labels, dropped to the null class like pixel models
+            y = batch["label"].to(device)
+            cond["y"] = torch.where(draws.drop, torch.full_like(y, cfg.model.num_classes), y)
+        return training_losses(diffusion, model, z0, draws.t, loss_type=cfg.diffusion.loss, noise=draws.noise,
+                               cond=cond, vlb_weight=cfg.diffusion.vlb_weight)
     if cfg.task is not None:
         return _palette_losses(cfg, model, diffusion, x0, draws)
     cond: dict[str, torch.Tensor] = {}

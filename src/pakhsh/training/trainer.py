@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from ..data import build_dataset
 from ..diffusion import GaussianDiffusion, LossAwareSampler, make_timestep_sampler
-from ..nets.unet import UNet
 from ..config import to_dict
 from .checkpoint import (
     CheckpointError,
@@ -35,6 +34,8 @@ from .checkpoint import (
     check_fits,
     config_diff,
     read_resume_state,
+    latest_checkpoint,
+    read_config,
     read_tensors,
     step_folders,
     tensors_problem,
@@ -44,7 +45,7 @@ from .ema import EMA, rate_name
 from .distributed import TrainingError, make_accelerator
 from .experiment import ExperimentConfig
 from ..tasks import TASK_NAMES
-from .objectives import Draws, compute_losses
+from .objectives import Draws, build_net, compute_losses
 from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
 from .lock import RunLock
 from .monitor import RunLog, describe_data, save_preview
@@ -52,7 +53,7 @@ from .precision import choose_precision
 
 # train.* keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = {"steps", "log_every", "save_every", "sample_every", "num_preview", "preview_steps", "keep_last",
-                  "out_dir", "device", "num_workers"}
+                  "out_dir", "device", "num_workers", "max_minutes"}
 
 
 # weights beyond this are a blow-up (healthy UNet weights stay below ~10): such a state is never saved
@@ -92,6 +93,8 @@ class Trainer:
         self._saved_step: int | None = None
         self._stop_signal: int | None = None
         self._previewed_step: int | None = None
+        self.system: Any = None  # the frozen parts of a latent run (training/latent.py)
+        self._time_up = False  # train.max_minutes has passed
         try:
             self._setup(resume, overwrite, dataset)
         except BaseException:
@@ -107,9 +110,11 @@ class Trainer:
         self._check_labels_fit()
         self._record_class_names()
         cfg = self.cfg
-        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task))
+        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task, cfg))
+        self.system = self._latent_system(resume) if cfg.is_latent else None
+        cfg = self.cfg
         torch.manual_seed(tc.seed)  # identical initial weights on every process
-        self.net = UNet(cfg.model)
+        self.net = build_net(cfg)
         self.ema = EMA(self.net, tc.ema_rates)
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
@@ -131,7 +136,37 @@ class Trainer:
                 _set_aside(folder)
 
     # ------------------------------------------------------------------ setup
+    def _latent_system(self, resume: bool) -> Any:
+        """Load the frozen autoencoder (on resume: the one the run's checkpoint holds) and text encoder, encode
+        the training set once and fix the latent scale factor in the config."""
+        from ..nets.autoencoder import build_autoencoder
+        from .latent import LatentSystem
+
+        cfg = self.cfg
+        assert cfg.latent is not None
+        ae = None
+        last = latest_checkpoint(self.out) if resume else None
+        if last is not None and (last / "autoencoder.safetensors").is_file():
+            saved = read_config(last)
+            if saved.latent is not None and saved.latent.autoencoder_config is not None:
+                ae = build_autoencoder(saved.latent.autoencoder_config, saved.latent.autoencoder)
+                ae.load_state_dict(read_tensors(last / "autoencoder.safetensors"))
+                if cfg.latent.scale_factor is None:
+                    cfg = replace(cfg, latent=replace(cfg.latent, scale_factor=saved.latent.scale_factor))
+        system, cfg = LatentSystem.build(cfg, self.acc.device, ae)
+        scale = system.prepare(self.dataset, progress=self.progress and self.acc.is_main_process)
+        if cfg.latent.scale_factor is None:
+            self.acc.print(f"latent scale factor: {scale:.5f} (1 / std of the latents of the first "
+                           f"{min(cfg.latent.scale_samples, len(self.dataset))} training images)")
+        self.cfg = replace(cfg, latent=replace(cfg.latent, scale_factor=scale))
+        return system
+
     def _check_model_fits(self) -> None:
+        if self.cfg.is_autoencoder:
+            ae, ch = self.cfg.autoencoder, self.cfg.data.channels
+            if ae is not None and ch is not None and ch not in (ae.in_channels,):
+                raise ValueError(f"autoencoder.in_channels={ae.in_channels} but data.channels={ch}")
+            return
         m, d = self.cfg.model, self.cfg.diffusion
         want = m.out_channels * (2 if d.variance.value == "learned_range" else 1)
         if m.out_dim != want:
@@ -139,7 +174,7 @@ class Trainer:
                 f"model.learn_sigma={m.learn_sigma} does not fit diffusion.variance={d.variance.value}: "
                 "set model.learn_sigma=true exactly when the variance is learned_range"
             )
-        if m.out_channels != self.cfg.data.channels and self.cfg.data.channels is not None:
+        if m.out_channels != self.cfg.data.channels and self.cfg.data.channels is not None and not self.cfg.is_latent:
             raise ValueError(f"model.out_channels={m.out_channels} but data.channels={self.cfg.data.channels}")
 
     def _check_labels_fit(self) -> None:
@@ -312,11 +347,14 @@ class Trainer:
         if self.step >= tc.steps:
             self.acc.print(f"nothing to train: the run is at step {self.step} and train.steps={tc.steps}; extend "
                            f"it with --resume --set train.steps=N (N > {self.step})")
+        started = time.monotonic()
         try:
             while self.step < tc.steps and not stopped:
+                if tc.max_minutes is not None and time.monotonic() - started > 60 * tc.max_minutes:
+                    self._time_up = True
                 stats = self._train_step(batches)
                 # every process agrees (a mean over processes), so they all stop after the same step
-                stopped = stats.pop("stop") > 0 or (world == 1 and self._stop_signal is not None)
+                stopped = stats.pop("stop") > 0 or (world == 1 and (self._stop_signal is not None or self._time_up))
                 self.step += 1
                 last_loss = stats["loss"]
                 window.append(stats)
@@ -333,8 +371,13 @@ class Trainer:
                 if window:  # the steps since the last log line belong in the log and the loss curve
                     self._log_window(window, time.time() - t0)
                 self.save()
-                self._stop_signal = self._stop_signal or signal.SIGTERM  # told by another process
-                self.acc.print(f"interrupted: saved step {self.step} to {self._saved}")
+                if self._time_up and self._stop_signal is None:
+                    self.acc.print(f"train.max_minutes={tc.max_minutes:g} reached: saved step {self.step} to "
+                                   f"{self._saved}; continue with --resume")
+                    stopped = False  # not an interruption: the run ends normally, early
+                else:
+                    self._stop_signal = self._stop_signal or signal.SIGTERM  # told by another process
+                    self.acc.print(f"interrupted: saved step {self.step} to {self._saved}")
             if self.step > start:  # something was trained in this call
                 self._final_outputs()
         finally:
@@ -364,7 +407,7 @@ class Trainer:
                 totals[k] += terms[k].detach() / tc.grad_accum
         # the logged numbers, the NaN verdict and the stop request (a signal on any process) are means over all
         # processes, so every rank agrees on them
-        totals["stop"] = torch.tensor(float(self._stop_signal is not None))
+        totals["stop"] = torch.tensor(float(self._stop_signal is not None or self._time_up))
         summary = torch.stack([totals[k].float().reshape(()).to(self.acc.device) for k in totals])
         if self.acc.num_processes > 1:
             summary = self.acc.reduce(summary, reduction="mean")
@@ -394,9 +437,14 @@ class Trainer:
         g = torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 2))
         # draw for the whole global batch, keep our slice: N processes == 1 process on the combined batch
         ts = self.t_sampler.sample(per * world, generator=g)
-        noise = torch.randn((per * world, *x0.shape[1:]), generator=g)
+        shape = self._diffusion_shape(tuple(x0.shape[1:]))
+        noise = torch.randn((per * world, *shape), generator=g)
         drop = torch.rand(per * world, generator=g) < tc.class_dropout
         sl = slice(rank * per, (rank + 1) * per)
+        latent_eps = u = None
+        if self.cfg.is_latent or self.cfg.is_autoencoder:  # drawn after the others: older systems' streams stay
+            latent_eps = torch.randn((per * world, *self._latent_shape(tuple(x0.shape[1:]))), generator=g)[sl].to(dev)
+            u = torch.rand(per * world, 3, generator=g)[sl]
         t, weights, noise = ts.t[sl].to(dev), ts.weights[sl].to(dev), noise[sl].to(dev)
         if self.cfg.model.num_classes is not None and self.cfg.task is None:
             if "label" not in batch:
@@ -404,15 +452,29 @@ class Trainer:
             _check_label_range(batch["label"], self.cfg.model.num_classes, self.cfg.data.name)
         # degradations (Palette) draw from their own stream; per process, so N processes degrade differently
         # from one (the diffusion draws above stay global)
-        draws = Draws(t, noise, drop[sl].to(dev), torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 1000 + rank)))
+        draws = Draws(t, noise, drop[sl].to(dev), torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 1000 + rank)),
+                      self.step, latent_eps, u)
         torch.manual_seed(_stream_seed(tc.seed, pos, 3 + rank))  # dropout masks
         with self.acc.autocast():
-            terms = compute_losses(self.cfg, self.model, self.diffusion, batch, draws, dev)
+            terms = compute_losses(self.cfg, self.model, self.diffusion, batch, draws, dev, self.system)
         if isinstance(self.t_sampler, LossAwareSampler):
             all_t, all_vb = self.acc.gather((t, terms.vb.detach().float()))
             self.t_sampler.update(all_t.cpu(), all_vb.cpu())
         loss = (terms.loss.float() * weights).mean()
         return {"loss": loss, "mse": terms.mse.detach().float().mean(), "vb": terms.vb.detach().float().mean()}
+
+    def _latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, h, w) of the autoencoder latents of images of this shape (latent and autoencoder runs)."""
+        if self.system is not None:
+            return self.system.latent_shape(image_shape)
+        ae = self.cfg.autoencoder
+        assert ae is not None
+        f = ae.downsample_factor
+        return ae.latent_channels, image_shape[-2] // f, image_shape[-1] // f
+
+    def _diffusion_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """What the diffusion noises: the images, or a latent run's latents."""
+        return self.system.latent_shape(image_shape) if self.system is not None else image_shape
 
     # ------------------------------------------------------------------ outputs
     def _log_window(self, window: list[dict[str, float]], seconds: float) -> None:
@@ -459,6 +521,8 @@ class Trainer:
                                  "state.pt": state}
         for r in self.ema.rates:
             files[f"{rate_name(r)}.safetensors"] = self.ema.state_dict(r)
+        if self.system is not None:
+            files.update(self.system.checkpoint_files())
         return files
 
     def _last_good(self) -> str:
