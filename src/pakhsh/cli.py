@@ -13,7 +13,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .cli_generate import add_generate_parser, check_generate_args
+from .cli_generate import (
+    add_generate_parser,
+    add_inpaint_parser,
+    add_reconstruct_parser,
+    check_generate_args,
+    check_inpaint_args,
+    check_reconstruct_args,
+)
 from .cli_restore import add_restore_parser, check_restore_args
 
 DEFAULT_MODEL = "shapes"
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_generate_parser(sub, _positive_int, _nonneg_int, _float_in(0.0, hint=" (1 = no guidance)"))
+    add_inpaint_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
+    add_reconstruct_parser(sub, _positive_int)
     add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
                        _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
 
@@ -606,8 +615,10 @@ def _check_before_work(args: argparse.Namespace) -> None:
     for attr in ("image", "image_a", "image_b"):
         if getattr(args, attr, None) is not None:
             _check_image_spec(getattr(args, attr))
-    if args.command == "generate":
-        check_generate_args(args)
+    latent_checks = {"generate": check_generate_args, "inpaint": check_inpaint_args,
+                     "reconstruct": check_reconstruct_args}
+    if args.command in latent_checks:
+        latent_checks[args.command](args)
         _check_writable("--out", args.out, False)
     if args.command == "restore":
         check_restore_args(args)

@@ -159,6 +159,8 @@ def _load(path: Path, kind: Kind) -> tuple[Any, nn.Module]:
     # (A filter, not a higher level: transformers runs extra checks, and warns, when that logger's level is set.)
     report_logger = logging.getLogger("transformers.modeling_utils")
     report_logger.addFilter(_drop_load_report)
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar per load says nothing here
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model, info = model_class.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
@@ -168,6 +170,8 @@ def _load(path: Path, kind: Kind) -> tuple[Any, nn.Module]:
         raise ValueError(f"text encoder folder {path} could not be loaded: {first_line}") from e
     finally:
         report_logger.removeFilter(_drop_load_report)
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
     # A missing weight would be silently random-initialised; BERT's pooler is never used here, so it may be absent.
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
     if missing:

@@ -59,6 +59,7 @@ class LatentDiffusionModel:
     steps_offset: int = 0  # added to "leading" timesteps (SD ships 1)
     set_alpha_to_one: bool = True  # the scheduler's DDIM ends on abar = 1 (pakhsh's samplers always do)
     path: Path | None = None
+    config: Any = None  # pakhsh-trained models: the ExperimentConfig (its `condition` says what the UNet takes)
 
     @property
     def vae_factor(self) -> int:

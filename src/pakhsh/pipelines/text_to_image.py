@@ -1,8 +1,10 @@
 """Text-to-image with a latent diffusion model: prompts -> text context -> any pakhsh sampler over latents, with
 classifier-free guidance against the empty (or negative) prompt -> VAE decode -> images in [-1, 1].
 
-`TextToImagePipeline.from_pretrained(folder)` takes a local diffusers Stable Diffusion folder
-(`interop.stable_diffusion.load_sd_folder`); any `LatentDiffusionModel` bundle works. With DDIM at eta = 0 and
+`TextToImagePipeline.from_pretrained(spec)` takes a latent model pakhsh trained (a shipped name such as "t2i", a
+run, checkpoint or exported folder: `load_latent_model`) or a local diffusers Stable Diffusion folder
+(`interop.stable_diffusion.load_sd_folder`); any `LatentDiffusionModel` bundle works. pakhsh models may also take
+a segmentation map and a layout (boxes with labels) besides, or instead of, the prompt. With DDIM at eta = 0 and
 the same starting latents this computes what diffusers' StableDiffusionPipeline computes with a DDIMScheduler of
 "leading" spacing and set_alpha_to_one=True (tests/interop/test_stable_diffusion.py states the tolerance).
 
@@ -36,6 +38,7 @@ from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from .unconditional import PipelineOutput, SampleSettings, pick_device, to_pil
 
 Spacing = Literal["scheduler", "pakhsh"]
+DEFAULT_MODEL = "t2i"  # the shipped text-to-image model (shapes scenes, 64x64, MiniLM prompts)
 # Stable Diffusion's usual settings: 50 deterministic DDIM steps at guidance 7.5.
 DEFAULT_SETTINGS = SampleSettings(sampler="ddim", steps=50, guidance=7.5)
 
@@ -85,10 +88,26 @@ class TextToImagePipeline:
         self.spacing = spacing
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str = "auto", bf16: bool = False,
-                        spacing: Spacing = "scheduler") -> "TextToImagePipeline":
-        """A local diffusers Stable Diffusion folder (see `interop.stable_diffusion.load_sd_folder`)."""
-        return cls(load_sd_folder(path), device, bf16, spacing)
+    def from_pretrained(cls, path: str | Path = DEFAULT_MODEL, *, device: str = "auto", bf16: bool = False,
+                        spacing: Spacing = "scheduler", ema: bool = True) -> "TextToImagePipeline":
+        """A latent model pakhsh trained (shipped name, run, checkpoint or exported folder) or a local diffusers
+        Stable Diffusion folder (see `interop.stable_diffusion.load_sd_folder`)."""
+        from .base import resolve_model_path
+
+        folder = resolve_model_path(path)
+        if (folder / "model_index.json").is_file():
+            return cls(load_sd_folder(folder), device, bf16, spacing)
+        return cls(load_latent_model(folder, ema=ema), device, bf16, spacing)
+
+    @property
+    def condition(self) -> Any:
+        """The ConditionConfig of a pakhsh model (None for Stable Diffusion folders: text only)."""
+        cfg = self.model.config
+        return cfg.condition if cfg is not None else None
+
+    @property
+    def takes_text(self) -> bool:
+        return self.text_encoder is not None
 
     # ------------------------------------------------------------------ pieces
     def chain(self, settings: SampleSettings) -> GaussianDiffusion:
@@ -136,13 +155,21 @@ class TextToImagePipeline:
     def generate(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  settings: SampleSettings | None = None, *, seed: int = 0, height: int | None = None,
                  width: int | None = None, latents: torch.Tensor | None = None, batch_size: int = 8,
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, segmap: torch.Tensor | None = None,
+                 layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One image per prompt: (N, 3, H, W) in [-1, 1] on the CPU.
 
         Guidance (settings.guidance, 7.5 by default) pushes each prompt's prediction away from its negative prompt
         (one for all or one per prompt; default the empty prompt). `latents` (N, C, h, w) are the starting noise;
         without them image i draws its own from (seed, i), as do stochastic samplers' steps, so an image does not
-        depend on `batch_size` or on the other prompts."""
+        depend on `batch_size` or on the other prompts.
+
+        pakhsh models conditioned on maps or layouts also take `segmap` (N, H, W) class labels and `layout`
+        (boxes (N, K, 4) as [0, 1] fractions, labels (N, K), -1 = no object); left out, the model gets their null
+        (as in training's condition dropout), and guidance pushes away from the all-null prediction. `known`
+        (images (N, C, H, W), mask (N, 1, H, W), 1 = generate) inpaints: the known region is kept (see
+        conditioning/inpaint.py)."""
         s = settings or DEFAULT_SETTINGS
         if s.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {s.sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -159,10 +186,15 @@ class TextToImagePipeline:
         if latents is not None and tuple(latents.shape) != (n, *shape):
             raise ValueError(f"latents must be {(n, *shape)} (N, C, h, w), got {tuple(latents.shape)}")
         d = self.chain(s)
-        cond = self.encode(texts)
-        uncond = self.encode(negatives) if s.guidance != 1.0 else None
-        # All-True masks (SD's CLIP context) are left out: the UNet then attends to every token, as SD does.
-        masked = not cond.mask.all() or (uncond is not None and not uncond.mask.all())
+        extra, extra_null = self._extra_conditions(n, shape, segmap, layout)
+        if self.takes_text:
+            cond = self.encode(texts)
+            uncond = self.encode(negatives) if s.guidance != 1.0 else None
+            # All-True masks (SD's CLIP context) are left out: the UNet then attends to every token, as SD does.
+            masked = not cond.mask.all() or (uncond is not None and not uncond.mask.all())
+        elif any(texts) or negative_prompt is not None:
+            raise ValueError(f"{self.model.path}: this model takes no text (it is conditioned on "
+                             f"{self._condition_names()}); leave the prompt empty")
         clip = self.model.clip_denoised if s.clip_denoised is None else s.clip_denoised
         kwargs: dict[str, Any] = {"eta": s.eta} if s.sampler == "ddim" else {}
         out = []
@@ -172,15 +204,81 @@ class TextToImagePipeline:
                 rows = slice(start, min(start + batch_size, n))
                 gens = ImageGenerators.for_images(seed, range(rows.start, rows.stop))
                 x_T = latents[rows] if latents is not None else gens.randn(*shape)
-                batch_cond = self._context(cond, rows, masked)
-                null = self._context(uncond, rows, masked) if uncond is not None else {}
+                batch_cond: dict[str, Any] = {k: v[rows].to(self.device) for k, v in extra.items()}
+                null: dict[str, Any] = dict(extra_null)
+                if self.takes_text:
+                    batch_cond.update(self._context(cond, rows, masked))
+                    null.update(self._context(uncond, rows, masked) if uncond is not None else {})
+                model = self._model_fn(s.guidance, null)
+                if known is not None:
+                    model, x_T = self._known(model, known, rows, x_T, gens)
                 with self._autocast():
-                    z = SAMPLERS[s.sampler](d, bar.counted(self._model_fn(s.guidance, null)),
-                                            x_T.to(self.device, torch.float32), cond=batch_cond, generator=gens,
-                                            clip_denoised=clip, threshold=s.threshold, **kwargs)
+                    z = SAMPLERS[s.sampler](d, bar.counted(model), x_T.to(self.device, torch.float32),
+                                            cond=batch_cond, generator=gens, clip_denoised=clip,
+                                            threshold=s.threshold, **kwargs)
+                    if known is not None:
+                        z = model.finish(z)
                     images = self.vae.decode_latents(z.float())
-                out.append(images.float().clamp(-1, 1).cpu())
+                images = images.float().clamp(-1, 1).cpu()
+                if known is not None:  # the known pixels exactly as given
+                    img, mask = known[0][rows].float(), known[1][rows].float()
+                    images = img * (1 - mask) + images * mask
+                out.append(images)
         return torch.cat(out)
+
+    def _condition_names(self) -> str:
+        c = self.condition
+        names = [n for n, on in (("text", self.takes_text), ("a segmentation map", c is not None and c.segmap),
+                                 ("a layout", c is not None and c.layout)) if on]
+        return ", ".join(names) or "nothing (unconditional)"
+
+    def _extra_conditions(self, n: int, shape: tuple[int, int, int], segmap: torch.Tensor | None,
+                          layout: tuple[torch.Tensor, torch.Tensor] | None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The map and layout keywords (N, ...) and their nulls for guidance."""
+        c = self.condition
+        takes_map, takes_layout = c is not None and c.segmap, c is not None and c.layout
+        if segmap is not None and not takes_map:
+            raise ValueError(f"{self.model.path}: this model takes no segmentation map (it is conditioned on "
+                             f"{self._condition_names()})")
+        if layout is not None and not takes_layout:
+            raise ValueError(f"{self.model.path}: this model takes no layout (it is conditioned on "
+                             f"{self._condition_names()})")
+        extra: dict[str, torch.Tensor] = {}
+        null: dict[str, Any] = {}
+        if takes_map:
+            from ..conditioning.segmap import one_hot_map
+
+            if segmap is None:
+                extra["concat"] = torch.zeros(n, c.segmap_classes, shape[1], shape[2])
+            else:
+                if segmap.ndim != 3 or segmap.shape[0] not in (1, n):
+                    raise ValueError(f"segmap must be (N, H, W) or (1, H, W) class labels, got {tuple(segmap.shape)}")
+                extra["concat"] = one_hot_map(segmap.long(), c.segmap_classes, shape[1:]).expand(n, -1, -1, -1)
+            null["concat"] = 0.0
+        if takes_layout:
+            if layout is None:
+                extra["boxes"] = torch.zeros(n, 1, 4)
+                extra["box_labels"] = torch.full((n, 1), -1, dtype=torch.long)
+            else:
+                boxes, labels = layout
+                if boxes.ndim == 2:
+                    boxes, labels = boxes[None], labels[None]
+                extra["boxes"] = boxes.float().expand(n, -1, -1)
+                extra["box_labels"] = labels.long().expand(n, -1)
+            null["box_labels"] = -1
+        return extra, null
+
+    def _known(self, model: Any, known: tuple[torch.Tensor, torch.Tensor], rows: slice, x_T: torch.Tensor,
+               gens: ImageGenerators) -> tuple[Any, torch.Tensor]:
+        """Wrap the model so the known region's latents follow the forward process of the given image."""
+        from ..conditioning.inpaint import KnownLatents
+
+        img, mask = known[0][rows].to(self.device).float(), known[1][rows].to(self.device).float()
+        with torch.no_grad(), self._autocast():
+            z0 = self.vae.encode_latents(img, sample=False).float()
+        wrapped = KnownLatents(model, self.diffusion, z0, mask, x_T.to(self.device, torch.float32))
+        return wrapped, x_T
 
     def _context(self, emb: TextEmbedding, rows: slice, masked: bool) -> dict[str, torch.Tensor]:
         cond = {"context": emb.tokens[rows].to(self.device)}
@@ -197,3 +295,35 @@ class TextToImagePipeline:
         rest = {k: v for k, v in overrides.items() if k not in names}
         x = self.generate(prompts, negative_prompt, s, seed=seed, progress=progress, **rest)
         return PipelineOutput(to_pil(x), x)
+
+
+def load_latent_model(path: str | Path, *, ema: bool = True) -> LatentDiffusionModel:
+    """A latent diffusion model pakhsh trained (run, checkpoint or exported folder, or a shipped name) -> the
+    bundle the pipeline runs: its UNet (EMA weights), the autoencoder its checkpoint holds with the measured scale
+    factor, and its text encoder (if it takes text)."""
+    from ..nets.autoencoder import build_autoencoder
+    from ..training.checkpoint import CheckpointError, check_fits, load_model, read_tensors
+    from .base import resolve_model_path
+
+    loaded = load_model(resolve_model_path(path), ema=ema)
+    cfg = loaded.config
+    if not cfg.is_latent or cfg.latent is None:
+        what = "an autoencoder" if cfg.is_autoencoder else "a pixel-space model"
+        hint = "pakhsh reconstruct" if cfg.is_autoencoder else "pakhsh sample (or restore for Palette models)"
+        raise ValueError(f"{loaded.path} is {what}, not a latent diffusion model; use `{hint}`")
+    lat = cfg.latent
+    if lat.autoencoder_config is None or lat.scale_factor is None:
+        raise CheckpointError(f"{loaded.path / 'config.json'}: latent.autoencoder_config / scale_factor missing")
+    vae = build_autoencoder(replace(lat.autoencoder_config, scaling_factor=lat.scale_factor), lat.autoencoder)
+    ae_file = loaded.path / "autoencoder.safetensors"
+    state = read_tensors(ae_file)
+    check_fits(vae, state, ae_file)
+    vae.load_state_dict(state)
+    text = None
+    if cfg.condition is not None and cfg.condition.text is not None:
+        from ..conditioning.text import TextEncoder
+
+        text = TextEncoder(cfg.condition.text)
+    m = cfg.model
+    return LatentDiffusionModel(loaded.model, vae.eval(), text, cfg.diffusion, (m.image_size, m.image_size),
+                                clip_denoised=False, path=loaded.path, config=cfg)

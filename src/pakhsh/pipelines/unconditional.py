@@ -103,6 +103,12 @@ class ImagePipeline:
         if type(self) is ImagePipeline and cfg is not None and cfg.task is not None:
             raise ValueError(f"{self.loaded.path} is an image-to-image (Palette, {cfg.task.name}) model: it restores "
                              "images given to it; use `pakhsh restore INPUT --task ... -m MODEL`")
+        if cfg is not None and cfg.is_latent:
+            raise ValueError(f"{self.loaded.path} is a latent diffusion model: use `pakhsh generate \"prompt\" -m "
+                             "MODEL` (or `pakhsh inpaint`)")
+        if cfg is not None and cfg.is_autoencoder:
+            raise ValueError(f"{self.loaded.path} is an autoencoder, not a diffusion model: use `pakhsh reconstruct "
+                             "-m MODEL IMAGES`")
         self.device = pick_device(str(device))
         self.model = self.loaded.model.to(self.device).eval()
         self.config: ExperimentConfig | None = self.loaded.config  # None for diffusers / openai models
