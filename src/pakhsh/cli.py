@@ -359,7 +359,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
     print("configs (pakhsh train NAME):")
     for name, path in configs.items():
         print(f"  {name:<{width}}  {config_summary(path)}")
-    print("models (pakhsh sample -m NAME; Palette models: pakhsh restore -m NAME):")
+    print("models (pakhsh sample -m NAME; Palette: pakhsh restore; text-to-image: pakhsh generate; autoencoders: "
+          "pakhsh reconstruct):")
     for name in shipped_models():
         print(f"  {name:<{width}}  {_model_title(name)}")
     return 0
@@ -518,8 +519,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"classes:    {m.num_classes}{names}{null}")
     d = m.diffusion
     schedule = d.schedule if d.betas is None else "explicit betas"
-    print(f"diffusion:  T={d.num_steps} {schedule} output={d.model_output.value} variance={d.variance.value} "
-          f"loss={d.loss}" + ("" if m.clip_denoised else " (no clipping of x0)"))
+    if m.config is None or not m.config.is_autoencoder:
+        print(f"diffusion:  T={d.num_steps} {schedule} output={d.model_output.value} variance={d.variance.value} "
+              f"loss={d.loss}" + ("" if m.clip_denoised else " (no clipping of x0)"))
     print(json.dumps(_info_json(m), indent=2, default=str))
     return 0
 
@@ -530,6 +532,22 @@ def _info_pakhsh(m: Any) -> None:
     cfg = m.config
     if (m.path / "state.pt").is_file():
         print(f"step:       {load_state(m.path, 'state.pt')['step']}")
+    if cfg.is_autoencoder:
+        ae = cfg.autoencoder
+        f = ae.downsample_factor
+        size = cfg.data.image_size
+        print(f"data:       {cfg.data.name} {size}x{size}x{ae.in_channels} -> latents {ae.latent_channels}x{size // f}x"
+              f"{size // f} (f={f}; `pakhsh reconstruct -m {m.path.name} IMAGES`)")
+        return
+    if cfg.is_latent:
+        c = cfg.condition
+        conds = [n for n, on in (("text", c is not None and c.text is not None), ("map", c is not None and c.segmap),
+                                 ("layout", c is not None and c.layout)) if on]
+        print(f"data:       {cfg.data.name} {cfg.data.image_size}x{cfg.data.image_size} via latents "
+              f"{cfg.model.in_channels}x{cfg.model.image_size}x{cfg.model.image_size} of {cfg.latent.autoencoder} "
+              f"(scale {cfg.latent.scale_factor:.5f})")
+        print(f"conditions: {', '.join(conds) or 'none'} (`pakhsh generate -m {m.path.name} ...`)")
+        return
     print(f"data:       {cfg.data.name} {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.out_channels}")
     if cfg.task is not None:  # Palette: what it restores, and how
         how = "regression baseline, one pass" if cfg.objective == "regression" else "diffusion"
@@ -565,6 +583,10 @@ def _export_diffusers(args: argparse.Namespace) -> int:
     if m.config is not None and m.config.task is not None:
         raise ValueError(f"{args.checkpoint} is a Palette ({m.config.task.name}) model: diffusers has no pipeline for "
                          "it; export it with --format pakhsh")
+    if m.config is not None and (m.config.is_autoencoder or m.config.is_latent):
+        what = "an autoencoder" if m.config.is_autoencoder else "a latent diffusion model"
+        raise ValueError(f"{args.checkpoint} is {what}: --format diffusers writes pixel-space DDPMPipelines only; "
+                         "export it with --format pakhsh")
     out = export_diffusers(m.model, m.diffusion, args.out, class_names=m.class_names)
     print(f"exported a diffusers DDPMPipeline folder to {out} (load it with DDPMPipeline.from_pretrained)")
     if m.num_classes is not None:

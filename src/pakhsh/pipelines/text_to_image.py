@@ -309,8 +309,8 @@ def load_latent_model(path: str | Path, *, ema: bool = True) -> LatentDiffusionM
     cfg = loaded.config
     if not cfg.is_latent or cfg.latent is None:
         what = "an autoencoder" if cfg.is_autoencoder else "a pixel-space model"
-        hint = "pakhsh reconstruct" if cfg.is_autoencoder else "pakhsh sample (or restore for Palette models)"
-        raise ValueError(f"{loaded.path} is {what}, not a latent diffusion model; use `{hint}`")
+        hint = "`pakhsh reconstruct`" if cfg.is_autoencoder else "`pakhsh sample` (or `pakhsh restore` for Palette)"
+        raise ValueError(f"{loaded.path} is {what}, not a latent diffusion model; use {hint}")
     lat = cfg.latent
     if lat.autoencoder_config is None or lat.scale_factor is None:
         raise CheckpointError(f"{loaded.path / 'config.json'}: latent.autoencoder_config / scale_factor missing")

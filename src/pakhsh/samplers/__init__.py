@@ -34,7 +34,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> str | None:
+def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> str | list[int] | None:
     """The respacing string for `steps` sampling steps (None = all training steps).
 
     DDIM takes the paper's integer-stride "ddimN" spacing (it starts at t = 0); every other sampler (ddpm and the
@@ -42,6 +42,8 @@ def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> st
     """
     if steps is None or steps >= num_train_steps:
         return None
+    if steps == 1:  # one step from pure noise (t = T-1) to the x_0 prediction; "ddim1" / "1" would start at t = 0
+        return [num_train_steps - 1]
     return f"ddim{steps}" if sampler == "ddim" else str(steps)
 
 

@@ -82,14 +82,14 @@ def load_autoencoder(spec: str | Path, *, ema: bool = True) -> tuple[Autoencoder
     try:
         path = resolve_model_path(spec)
     except FileNotFoundError:
-        raise FileNotFoundError(f"latent.autoencoder={spec!r}: no such folder or shipped autoencoder; train one "
-                                "with `pakhsh train autoencoder_f4` or name a shipped one (autoencoder_f4, "
-                                "autoencoder_f8)") from None
+        raise FileNotFoundError(f"autoencoder {spec!r}: no such folder or shipped autoencoder; name a shipped one "
+                                "(autoencoder_f4, autoencoder_f8) or the run folder of `pakhsh train autoencoder_f4` "
+                                "(e.g. runs/autoencoder_f4)") from None
     folder = resolve_checkpoint(path)
     cfg = read_config(folder)
     if not cfg.is_autoencoder or cfg.autoencoder is None:
-        raise CheckpointError(f"{folder} is not an autoencoder (its config has objective={cfg.objective}); "
-                              "latent.autoencoder must name an autoencoder run or model")
+        raise CheckpointError(f"{folder} is not an autoencoder (its config has objective={cfg.objective}); give "
+                              "an autoencoder run or model (shipped: autoencoder_f4, autoencoder_f8)")
     net = AutoencoderKL(cfg.autoencoder)
     ema_file = folder / f"{rate_name(cfg.train.preview_ema)}.safetensors"
     source = ema_file if ema and ema_file.is_file() else folder / "model.safetensors"

@@ -77,6 +77,7 @@ class LatentSystem:
 
     def prepare(self, dataset: Any, progress: bool = True) -> float:
         """Fill the caches (when the data allows) and measure the scale factor if the config has none; returns it."""
+        self._check_data(dataset)
         n = len(dataset)
         data = self.cfg.data
         augmented = data.random_flip or data.crop == "random"
@@ -85,6 +86,23 @@ class LatentSystem:
         if self.scale is None:
             self.scale = self._measure_scale(dataset)
         return self.scale
+
+    def _check_data(self, dataset: Any) -> None:
+        """The data has what the conditions read (before minutes of encoding)."""
+        c = self.cfg.condition
+        if c is None or len(dataset) == 0:
+            return
+        first = dataset[0]
+        needs = {"caption": c.text is not None, "segmentation": c.segmap, "boxes": c.layout, "objects": c.layout}
+        hints = {"caption": "a .txt beside each image or captions.jsonl", "segmentation": "segmentation maps",
+                 "boxes": "boxes with labels", "objects": "boxes with labels"}
+        what = {"caption": "condition.text", "segmentation": "condition.segmap", "boxes": "condition.layout",
+                "objects": "condition.layout"}
+        for key, needed in needs.items():
+            if needed and key not in first:
+                raise ValueError(f"{what[key]}: dataset '{self.cfg.data.name}' has no '{key}' ({hints[key]}; the "
+                                 f"built-in shapes data has them); set {what[key]}="
+                                 f"{'null' if key == 'caption' else 'false'}")
 
     def _fill(self, dataset: Any, progress: bool) -> None:
         n = len(dataset)
