@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA smoke run of the whole CLI: train -> resume -> sample (every sampler) -> vary -> interpolate -> nll ->
-# eval -> export -> info, then Palette (train multi-task + regression -> restore every task, every sampler),
+# eval -> export -> info, then Palette (train multi-task + regression -> restore every task, every sampler), then
+# latent diffusion (autoencoder -> reconstruct -> text/map/layout model -> generate with every sampler -> inpaint),
 # in fp32 and bf16, on a GPU. Run it on a CUDA machine whenever training or sampling
 # code changed:
 #     bash scripts/cuda_smoke.sh [WORKDIR]          (DEVICE=cpu bash scripts/cuda_smoke.sh for a dry run)
@@ -59,5 +60,25 @@ for prec in no bf16; do
   done
   run "restore_reg_$prec" "${PK[@]}" restore data:2 --task jpeg --quality 5 -m "$P.reg" --device "$DEVICE" "${FLAG[@]}" -o "$W/rr_$prec.png" -q
 done
+# Latent diffusion: autoencoder (with the discriminator) -> text + map + layout latent model -> generate / inpaint
+ATINY=(--set data.length=256 --set train.batch_size=16 --set train.log_every=10 --set train.save_every=20
+       --set train.sample_every=20 --set train.num_preview=4 --set "train.device=$DEVICE")
+for prec in no bf16; do
+  A="$W/ae_$prec"; L="$W/ldm_$prec"; FLAG=(); [ "$prec" = bf16 ] && FLAG=(--bf16)
+  run "ae_train_$prec" "${PK[@]}" train autoencoder_f4 "${ATINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=20 \
+      --set autoencoder_loss.disc_weight=0.1 --set autoencoder_loss.disc_start=10 --out "$A" -q
+  run "reconstruct_$prec" "${PK[@]}" reconstruct data:32 -m "$A" --device "$DEVICE" -o "$W/rec_$prec.png"
+  run "ldm_train_$prec" "${PK[@]}" train t2i "${ATINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=20 \
+      --set "latent.autoencoder=$A" --out "$L" -q
+  run "ldm_resume_$prec" "${PK[@]}" train t2i "${ATINY[@]}" --set "train.mixed_precision=$prec" --set train.steps=40 \
+      --set "latent.autoencoder=$A" --out "$L" --resume -q
+  for s in "ddpm 20" "ddim 10" "dpm++2m 10" "sde-dpm++2m 10"; do
+    set -- $s
+    run "generate_${prec}_$1" "${PK[@]}" generate "a large red circle at the top left on a gray background" -m "$L" \
+        --device "$DEVICE" "${FLAG[@]}" --sampler "$1" --steps "$2" -n 2 -o "$W/g_${prec}_$1.png" -q
+  done
+  run "inpaint_$prec" "${PK[@]}" inpaint data:0 "a small blue star" -m "$L" --device "$DEVICE" "${FLAG[@]}" --steps 10 -o "$W/ip_$prec.png" -q
+done
+run "generate_shipped" "${PK[@]}" generate "a small green square in the center on a white background" --device "$DEVICE" -o "$W/t2i.png" -q
 run "sample_shipped" "${PK[@]}" sample -m fashion_mnist --device "$DEVICE" --steps 20 -n 16 -o "$W/shipped.png" -q
 echo "SMOKE PASSED: all steps on $DEVICE ($W)"
