@@ -210,7 +210,7 @@ def test_configs_lists_the_shipped_configs_and_models(command, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert main([command]) == 0
     out = capsys.readouterr().out
-    assert "configs (pakhsh train NAME):" in out and "models (pakhsh sample -m NAME; Palette models: pakhsh restore -m NAME):" in out
+    assert "configs (pakhsh train NAME):" in out and "models (pakhsh sample -m NAME; Palette: pakhsh restore; text-to-image: pakhsh generate; autoencoders: pakhsh reconstruct):" in out
     assert re.search(r"^  shapes +The shipped `shapes` model: unconditional 32x32 RGB", out, re.M), out
     assert re.search(r"^  cifar_iddpm +Improved DDPM's CIFAR-10 model on any 32x32 image folder", out, re.M), out
     for name in shipped_models():
