@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -266,6 +267,30 @@ class LatentSystem:
         """What goes into every checkpoint beside the UNet: the frozen autoencoder (so a checkpoint is whole)."""
         return {"autoencoder.safetensors": {k: v.detach().cpu().contiguous()
                                             for k, v in self.autoencoder.state_dict().items()}}
+
+
+def start_latent_system(cfg: ExperimentConfig, dataset: Any, device: torch.device, checkpoint: Path | None,
+                        progress: bool = True) -> tuple[LatentSystem, ExperimentConfig, bool]:
+    """Build a latent run's frozen parts and encode its training set -> (system, cfg with the autoencoder config
+    and scale factor filled in, whether the scale was measured now). Resuming from `checkpoint`, the run keeps the
+    autoencoder that checkpoint holds and the scale it measured."""
+    from ..nets.autoencoder import build_autoencoder
+    from .checkpoint import read_config, read_tensors
+
+    assert cfg.latent is not None
+    ae = None
+    if checkpoint is not None and (checkpoint / "autoencoder.safetensors").is_file():
+        saved = read_config(checkpoint)
+        if saved.latent is not None and saved.latent.autoencoder_config is not None:
+            ae = build_autoencoder(saved.latent.autoencoder_config, saved.latent.autoencoder)
+            ae.load_state_dict(read_tensors(checkpoint / "autoencoder.safetensors"))
+            if cfg.latent.scale_factor is None:
+                cfg = replace(cfg, latent=replace(cfg.latent, scale_factor=saved.latent.scale_factor))
+    system, cfg = LatentSystem.build(cfg, device, ae)
+    assert cfg.latent is not None
+    measured = cfg.latent.scale_factor is None
+    scale = system.prepare(dataset, progress=progress)
+    return system, replace(cfg, latent=replace(cfg.latent, scale_factor=scale)), measured
 
 
 def _caption(item: dict[str, Any], index: int) -> str:

@@ -35,7 +35,6 @@ from .checkpoint import (
     config_diff,
     read_resume_state,
     latest_checkpoint,
-    read_config,
     read_tensors,
     step_folders,
     tensors_problem,
@@ -137,34 +136,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _latent_system(self, resume: bool) -> Any:
-        """Load the frozen autoencoder (on resume: the one the run's checkpoint holds) and text encoder, encode
-        the training set once and fix the latent scale factor in the config."""
-        from ..nets.autoencoder import build_autoencoder
-        from .latent import LatentSystem
+        """The frozen parts of a latent run (training/latent.py); the config gains the measured scale factor."""
+        from .latent import start_latent_system
 
-        cfg = self.cfg
-        assert cfg.latent is not None
-        ae = None
-        last = latest_checkpoint(self.out) if resume else None
-        if last is not None and (last / "autoencoder.safetensors").is_file():
-            saved = read_config(last)
-            if saved.latent is not None and saved.latent.autoencoder_config is not None:
-                ae = build_autoencoder(saved.latent.autoencoder_config, saved.latent.autoencoder)
-                ae.load_state_dict(read_tensors(last / "autoencoder.safetensors"))
-                if cfg.latent.scale_factor is None:
-                    cfg = replace(cfg, latent=replace(cfg.latent, scale_factor=saved.latent.scale_factor))
-        system, cfg = LatentSystem.build(cfg, self.acc.device, ae)
-        scale = system.prepare(self.dataset, progress=self.progress and self.acc.is_main_process)
-        if cfg.latent.scale_factor is None:
-            self.acc.print(f"latent scale factor: {scale:.5f} (1 / std of the latents of the first "
-                           f"{min(cfg.latent.scale_samples, len(self.dataset))} training images)")
-        self.cfg = replace(cfg, latent=replace(cfg.latent, scale_factor=scale))
+        system, self.cfg, measured = start_latent_system(
+            self.cfg, self.dataset, self.acc.device, latest_checkpoint(self.out) if resume else None,
+            progress=self.progress and self.acc.is_main_process)
+        if measured:
+            self.acc.print(f"latent scale factor: {self.cfg.latent.scale_factor:.5f} (1 / std of the latents of the "
+                           f"first {min(self.cfg.latent.scale_samples, len(self.dataset))} training images)")
         return system
 
     def _check_model_fits(self) -> None:
         if self.cfg.is_autoencoder:
             ae, ch = self.cfg.autoencoder, self.cfg.data.channels
-            if ae is not None and ch is not None and ch not in (ae.in_channels,):
+            if ae is not None and ch is not None and ch != ae.in_channels:
                 raise ValueError(f"autoencoder.in_channels={ae.in_channels} but data.channels={ch}")
             return
         m, d = self.cfg.model, self.cfg.diffusion
