@@ -55,6 +55,8 @@ def add_generate_parser(sub: Any, positive_int: Callable[[str], int], nonneg_int
     p.add_argument("--layout", default=None,
                    help="layout JSON: [{\"label\": \"circle\", \"box\": [x0, y0, x1, y1]}, ...] in [0, 1] "
                         "fractions (or pixels), for models trained with layouts")
+    p.add_argument("--label", default=None,
+                   help="class name or index, for class-conditional latent models (default: the null class)")
     p.add_argument("--num", "-n", type=positive_int, default=1, help="images per prompt (default: %(default)s)")
     p.add_argument("--height", type=nonneg_int, default=0, help="image height (default: the model's size)")
     p.add_argument("--width", type=nonneg_int, default=0, help="image width (default: the model's size)")
@@ -109,8 +111,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
     _check_model(args.model)
     if not args.prompts:
-        if args.segmap is None and args.layout is None:
-            raise ValueError("give a prompt (\"\" for unconditional), or --map / --layout")
+        if args.segmap is None and args.layout is None and args.label is None:
+            raise ValueError("give a prompt (\"\" for unconditional), or --map / --layout / --label")
         args.prompts = [""]
     for flag, path in (("--map", args.segmap), ("--layout", args.layout)):
         if path is not None and not Path(path).is_file():
@@ -165,6 +167,8 @@ def _image_size(pipe: Any) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .imageio import save_grid
 
     pipe = _pipeline(args)
@@ -184,11 +188,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         boxes, labels = read_layout(args.layout, names, size, cfg.model.layout_max_objects if cfg else 8)
         extra["layout"] = (boxes[None], labels[None])
     prompts = [p for p in args.prompts for _ in range(args.num)]  # row per prompt: its --num images side by side
+    if args.label is not None:
+        extra["labels"] = torch.full((len(prompts),), _label_index(args.label, pipe), dtype=torch.long)
     x = pipe.generate(prompts, args.negative, _settings(args, pipe), seed=args.seed, height=args.height or None,
                       width=args.width or None, batch_size=args.batch_size, progress=not args.quiet, **extra)
     path = save_grid(x, args.out, nrow=args.num, scale=args.scale)
     print(f"wrote {x.shape[0]} image{'s' * (x.shape[0] != 1)} ({len(args.prompts)} prompt(s) x {args.num}) to {path}")
     return 0
+
+
+def _label_index(label: str, pipe: Any) -> int:
+    """--label NAME or INDEX -> the class index of the model (its recorded class names)."""
+    cfg = pipe.model.config
+    classes = pipe.unet.cfg.num_classes
+    if classes is None:
+        raise ValueError(f"--label {label}: this model is not class-conditional")
+    names = (cfg.class_names if cfg is not None else None) or []
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < classes:
+        return int(label)
+    known = ", ".join(names) if names else f"0..{classes - 1}"
+    raise ValueError(f"--label {label}: not a class of this model ({known})")
 
 
 def _shape_names() -> list[str]:

@@ -157,7 +157,8 @@ class TextToImagePipeline:
                  width: int | None = None, latents: torch.Tensor | None = None, batch_size: int = 8,
                  progress: bool = True, segmap: torch.Tensor | None = None,
                  layout: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """One image per prompt: (N, 3, H, W) in [-1, 1] on the CPU.
 
         Guidance (settings.guidance, 7.5 by default) pushes each prompt's prediction away from its negative prompt
@@ -167,7 +168,8 @@ class TextToImagePipeline:
 
         pakhsh models conditioned on maps or layouts also take `segmap` (N, H, W) class labels and `layout`
         (boxes (N, K, 4) as [0, 1] fractions, labels (N, K), -1 = no object); left out, the model gets their null
-        (as in training's condition dropout), and guidance pushes away from the all-null prediction. `known`
+        (as in training's condition dropout), and guidance pushes away from the all-null prediction. Class-
+        conditional latent models take `labels` (N,) (left out: the null class). `known`
         (images (N, C, H, W), mask (N, 1, H, W), 1 = generate) inpaints: the known region is kept (see
         conditioning/inpaint.py)."""
         s = settings or DEFAULT_SETTINGS
@@ -186,7 +188,7 @@ class TextToImagePipeline:
         if latents is not None and tuple(latents.shape) != (n, *shape):
             raise ValueError(f"latents must be {(n, *shape)} (N, C, h, w), got {tuple(latents.shape)}")
         d = self.chain(s)
-        extra, extra_null = self._extra_conditions(n, shape, segmap, layout)
+        extra, extra_null = self._extra_conditions(n, shape, segmap, layout, labels)
         if self.takes_text:
             cond = self.encode(texts)
             uncond = self.encode(negatives) if s.guidance != 1.0 else None
@@ -229,14 +231,27 @@ class TextToImagePipeline:
     def _condition_names(self) -> str:
         c = self.condition
         names = [n for n, on in (("text", self.takes_text), ("a segmentation map", c is not None and c.segmap),
-                                 ("a layout", c is not None and c.layout)) if on]
+                                 ("a layout", c is not None and c.layout),
+                                 ("a class label", self.unet.cfg.num_classes is not None)) if on]
         return ", ".join(names) or "nothing (unconditional)"
 
     def _extra_conditions(self, n: int, shape: tuple[int, int, int], segmap: torch.Tensor | None,
-                          layout: tuple[torch.Tensor, torch.Tensor] | None
+                          layout: tuple[torch.Tensor, torch.Tensor] | None, labels: torch.Tensor | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The map and layout keywords (N, ...) and their nulls for guidance."""
+        """The map, layout and class-label keywords (N, ...) and their nulls for guidance."""
         c = self.condition
+        extra: dict[str, torch.Tensor] = {}
+        null: dict[str, Any] = {}
+        classes = self.unet.cfg.num_classes
+        if labels is not None and classes is None:
+            raise ValueError(f"{self.model.path}: this model takes no class label (it is conditioned on "
+                             f"{self._condition_names()})")
+        if classes is not None:
+            y = torch.full((n,), classes, dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
+            if y.shape != (n,) or int(y.min()) < 0 or int(y.max()) > classes:
+                raise ValueError(f"labels must be (N,) = ({n},) class indices in 0..{classes - 1}, got "
+                                 f"{tuple(y.shape)}")
+            extra["y"], null["y"] = y, classes
         takes_map, takes_layout = c is not None and c.segmap, c is not None and c.layout
         if segmap is not None and not takes_map:
             raise ValueError(f"{self.model.path}: this model takes no segmentation map (it is conditioned on "
@@ -244,8 +259,6 @@ class TextToImagePipeline:
         if layout is not None and not takes_layout:
             raise ValueError(f"{self.model.path}: this model takes no layout (it is conditioned on "
                              f"{self._condition_names()})")
-        extra: dict[str, torch.Tensor] = {}
-        null: dict[str, Any] = {}
         if takes_map:
             from ..conditioning.segmap import one_hot_map
 

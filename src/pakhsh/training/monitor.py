@@ -224,6 +224,8 @@ def _latent_preview(trainer: "Trainer", path: Path) -> Path:
         boxes = torch.stack([torch.as_tensor(it["boxes"]) for it in items])
         objects = torch.stack([torch.as_tensor(it["objects"]) for it in items])
         extra["layout"] = batch_layout(boxes, objects, items[0]["image"].shape[-1])
+    if cfg.model.num_classes is not None:
+        extra["labels"] = torch.tensor([int(it["label"]) for it in items])
     x = pipe.generate(prompts, None, SampleSettings("ddim", 25, guidance=3.0), seed=cfg.train.seed,
                       progress=False, **extra)
     rows = torch.stack([torch.stack([it["image"] for it in items]).float(), x.float()], dim=1)
