@@ -49,6 +49,8 @@ class LatentSystem:
         self._tokens: Tensor | None = None  # (N, L, D) float16
         self._masks: Tensor | None = None  # (N, L) bool
         self._null: tuple[Tensor, Tensor] | None = None  # the empty prompt's tokens (1, L, D) and mask (1, L)
+        self._extras: dict[str, Tensor] = {}  # labels, maps, boxes by dataset index (what the conditions read)
+        self._image_shape: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -88,6 +90,14 @@ class LatentSystem:
             self.scale = self._measure_scale(dataset)
         return self.scale
 
+    def training_view(self, dataset: Any) -> Any:
+        """What the trainer's loader should read: with the training set encoded, a view that hands out the cached
+        conditions by index (and a placeholder image) instead of decoding or drawing every image again; the same
+        batches, without the per-image work. Otherwise the dataset itself."""
+        if self._moments is None or len(self._moments) != len(dataset):
+            return dataset
+        return _EncodedView(len(dataset), self._image_shape, self._extras)
+
     def _check_data(self, dataset: Any) -> None:
         """The data has what the conditions read (before minutes of encoding)."""
         c = self.cfg.condition
@@ -111,6 +121,7 @@ class LatentSystem:
         bar = tqdm(total=n, desc="encoding the training set once (latents)", unit="img", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
         moments, captions = [], []
+        extras: dict[str, list[Tensor]] = {}
         with torch.no_grad():
             for start in range(0, n, CHUNK):
                 items = [dataset[i] for i in range(start, min(start + CHUNK, n))]
@@ -119,9 +130,15 @@ class LatentSystem:
                 moments.append(torch.cat([post.mean, post.logvar], 1).float().cpu())
                 if text:
                     captions += [_caption(it, start + j) for j, it in enumerate(items)]
+                for key, dtype in _KEPT.items():
+                    if key in items[0]:
+                        extras.setdefault(key, []).append(torch.stack([torch.as_tensor(it[key]) for it in items])
+                                                          .to(dtype))
                 bar.update(len(items))
         bar.close()
         self._moments = torch.cat(moments)
+        self._extras = {k: torch.cat(v) for k, v in extras.items()}
+        self._image_shape = tuple(x.shape[1:])
         if text:
             self._tokens, self._masks = self._encode_captions(captions, progress)
 
@@ -291,6 +308,28 @@ def start_latent_system(cfg: ExperimentConfig, dataset: Any, device: torch.devic
     measured = cfg.latent.scale_factor is None
     scale = system.prepare(dataset, progress=progress)
     return system, replace(cfg, latent=replace(cfg.latent, scale_factor=scale)), measured
+
+
+# per-sample keys kept beside the encodings (the conditions and labels read them), with their stored dtype
+_KEPT = {"label": torch.long, "segmentation": torch.uint8, "boxes": torch.float32, "objects": torch.long}
+
+
+class _EncodedView(torch.utils.data.Dataset):
+    """Sample i of an encoded training set: its index, the kept per-sample tensors and a zero image of the right
+    shape (latent runs read the cached posterior by index; the image only tells the trainer its shape)."""
+
+    def __init__(self, n: int, image_shape: tuple[int, ...], extras: dict[str, Tensor]) -> None:
+        self.n, self.extras = n, extras
+        self.image = torch.zeros(image_shape)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"image": self.image, "index": int(index)}
+        for key, values in self.extras.items():
+            item[key] = int(values[index]) if key == "label" else values[index]
+        return item
 
 
 def _caption(item: dict[str, Any], index: int) -> str:

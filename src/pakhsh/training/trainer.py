@@ -320,7 +320,8 @@ class Trainer:
         world, rank = self.acc.num_processes, self.acc.process_index
         sampler = GlobalBatchSampler(len(self.dataset), tc.batch_size, rank, world, tc.seed, self.step * tc.grad_accum)
         workers = tc.num_workers if tc.num_workers is not None else auto_workers(self.acc.device, world)
-        loader = make_loader(self.dataset, sampler, workers, self.acc.device)
+        data = self.system.training_view(self.dataset) if self.system is not None else self.dataset
+        loader = make_loader(data, sampler, workers, self.acc.device)
         batches = iter(loader)
         if self.acc.is_main_process:
             self.lock.acquire()  # held since __init__; taken again when fit() runs a second time
