@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pakhsh.config import cache_root
 from pakhsh.data.builtin.shapes import ShapesDataset
 from pakhsh.evaluation import FEATNETS
 from pakhsh.imageio import save_grid
@@ -49,7 +50,7 @@ class Scorer:
     def __init__(self, out: Path, ref_n: int = REF_N) -> None:
         self.attr = load_attribute_net()
         self.shapes = FeatureNetExtractor(load_feature_net(FEATNETS / "shapes"))
-        cache = out / f"ref_one_object_train_{ref_n}.npz"
+        cache = cache_root() / "latent_tables" / f"ref_one_object_train_{ref_n}.npz"  # recomputable: not in docs
         if cache.is_file():
             z = np.load(cache)
             self.ref = {k: Stats(z[f"{k}_mu"], z[f"{k}_sigma"], int(z[f"{k}_n"])) for k in ("attr", "shapes")}
@@ -57,7 +58,7 @@ class Scorer:
             u8, _ = render_one_object("train", ref_n, 64)
             x = u8.float() / 127.5 - 1
             self.ref = {k: self.stats(k, x) for k in ("attr", "shapes")}
-            out.mkdir(parents=True, exist_ok=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, **{f"{k}_{f}": getattr(v, f) for k, v in self.ref.items() for f in ("mu", "sigma", "n")})
 
     @torch.no_grad()
@@ -151,7 +152,7 @@ def cmd_guidance(args: argparse.Namespace) -> int:
           f"DDIM steps, model {args.model}. Accuracy = share of images whose attribute (read by the attribute net) "
           "is the one the prompt names; chance in the last row.", "",
           "| guidance | " + " | ".join(ATTRIBUTES) + " | mean | all five | FID (attr net) | FID (shapes net) |",
-          "|---" * (len(ATTRIBUTES) + 6) + "|"]
+          "|---" * (len(ATTRIBUTES) + 5) + "|"]
     for r in rows:
         md.append(f"| {r['guidance']:g} | " + " | ".join(f"{r[a]:.3f}" for a in ATTRIBUTES)
                   + f" | {r['mean']:.3f} | {r['all']:.3f} | {r['fid_attr']:.2f} | {r['fid_shapes']:.2f} |")
@@ -180,6 +181,17 @@ def _plot_guidance(rows: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- f-comparison
+def train_seconds_at(run: Path, step: int) -> float | None:
+    """Training seconds up to `step`, from log.jsonl: exact at logged steps, prorated inside a logging window."""
+    logged = sorted(train_seconds(run).items())
+    prev_step, prev_secs = 0, 0.0
+    for s, secs in logged:
+        if s >= step:
+            return prev_secs + (secs - prev_secs) * (step - prev_step) / max(1, s - prev_step)
+        prev_step, prev_secs = s, secs
+    return None
+
+
 def train_seconds(run: Path) -> dict[int, float]:
     """Cumulative training seconds at each logged step, from log.jsonl (steps / steps_per_s per window)."""
     seconds, last, total = {}, 0, 0.0
@@ -200,27 +212,32 @@ def cmd_fcompare(args: argparse.Namespace) -> int:
     from pakhsh.training.checkpoint import step_folders
 
     out = Path(args.out)
+    if args.replot:  # fill in / recompute the training times of an earlier evaluation and rewrite its outputs
+        done = json.loads((out / "fcompare.json").read_text())
+        runs = {Path(r).name: Path(r) for r in args.runs}
+        for r in done["rows"]:
+            r["train_seconds"] = train_seconds_at(runs[r["run"]], r["step"])
+        return _fcompare_outputs(out, done["rows"], args)
     scorer = Scorer(out, args.ref_n)
     held = heldout_prompts(args.num)
     prompts, targets = [p for p, _ in held], [a for _, a in held]
     rows = []
     for run in map(Path, args.runs):
-        secs = train_seconds(run)
-        folders = sorted(step_folders(run), key=lambda p: int(p.name.split("_")[1]))
-        folders = folders[:: max(1, len(folders) // args.points)][-args.points:] if args.points else folders
-        if step_folders(run)[0] not in folders:
-            folders.append(step_folders(run)[0])
-        for folder in folders:
+        for folder in _pick(step_folders(run), args.points):
             step = int(folder.name.split("_")[1])
             model = load_latent_model(folder)
             pipe = TextToImagePipeline(model, bf16=args.bf16, spacing="pakhsh")
             x, gen_secs = _generate(pipe, prompts, args.guidance, args.steps, args.batch_size)
             f = model.vae_factor
-            r = {"run": run.name, "f": f, "step": step, "train_seconds": secs.get(step),
+            r = {"run": run.name, "f": f, "step": step, "train_seconds": train_seconds_at(run, step),
                  **scorer.fid(x), "align_mean": scorer.alignment(x, targets)["mean"],
                  "sample_ms_per_image": 1000 * gen_secs / len(prompts)}
             rows.append(r)
             print(json.dumps(r), flush=True)
+    return _fcompare_outputs(out, rows, args)
+
+
+def _fcompare_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> int:
     _plot_fcompare(rows, out / "fcompare.png")
     md = [f"f-comparison at equal training time: {args.num} held-out prompts, guidance {args.guidance:g}, "
           f"{args.steps} DDIM steps; sampling time per image includes decoding.", "",
@@ -233,6 +250,15 @@ def cmd_fcompare(args: argparse.Namespace) -> int:
     _write(out, "fcompare", {"num": args.num, "guidance": args.guidance, "steps": args.steps,
                              "machine": _machine(), "rows": rows}, "\n".join(md) + "\n")
     return 0
+
+
+def _pick(folders: list[Path], points: int) -> list[Path]:
+    """`points` checkpoints evenly spread over the run's training, the last one included (oldest first)."""
+    steps = {int(f.name.split("_")[1]): f for f in folders}
+    last = max(steps)
+    want = [last * (i + 1) / points for i in range(points)]
+    chosen = {min(steps, key=lambda s: abs(s - w)) for w in want}
+    return [steps[s] for s in sorted(chosen)]
 
 
 def _plot_fcompare(rows: list[dict], path: Path) -> None:
@@ -332,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fcompare", parents=[common])
     f.add_argument("--runs", nargs="+", required=True)
     f.add_argument("--guidance", type=float, default=3.0)
-    f.add_argument("--points", type=int, default=3, help="checkpoints per run (evenly spaced, last included)")
+    f.add_argument("--points", type=int, default=2, help="checkpoints per run (evenly spaced, last included)")
+    f.add_argument("--replot", action="store_true", help="recompute training times and rewrite outputs from "
+                   "OUT/fcompare.json (no sampling)")
     gr = sub.add_parser("grids", parents=[common])
     gr.add_argument("-m", "--model", default="t2i")
     gr.add_argument("--guidance", type=float, default=3.0)
