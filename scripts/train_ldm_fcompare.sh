@@ -7,7 +7,7 @@ set -euo pipefail
 runs=${1:-runs}
 minutes=${2:-8}
 declare -A save=([1]=40 [4]=300 [8]=500)  # about three checkpoints per budget at each model's speed
-for f in 1 4 8; do
+for f in 1 8 4; do
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pakhsh train "ldm_f$f" --out "$runs/ldm_f$f" -q \
     --set train.steps=1000000 --set "train.max_minutes=$minutes" --set "train.save_every=${save[$f]}"
 done
