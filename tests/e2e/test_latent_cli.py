@@ -23,40 +23,20 @@ from pakhsh.pipelines.text_to_image import TextToImagePipeline
 from pakhsh.tasks.masks import center_mask
 from pakhsh.training.autoencoder import load_autoencoder
 from tests.conftest import run_cli
-from tests.training.test_autoencoder_training import session_cache, tiny_autoencoder_run, train
-from tests.training.test_latent_training import EMA_FILE, JITTER, t2i_sets, tiny_t2i_run, tiny_text_run
+from tests.training.test_autoencoder_training import train
+from tests.training.test_latent_training import (  # noqa: F401 (fixtures: pytest finds them by name here)
+    EMA_FILE,
+    JITTER,
+    _caption_cache,
+    _one_thread,
+    ae_run,
+    t2i_run,
+    t2i_sets,
+    text_run,
+)
 
 SIZE = 16  # the tiny runs' image size (latents 4x4)
 PAD = 2  # save_grid's padding
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One torch thread (after conftest's two): the CPU is shared, and runs compared bit for bit use one."""
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _caption_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Encoded captions go to the session's temp folder, not the user's ~/.cache/pakhsh."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAKHSH_CACHE", str(session_cache(tmp_path_factory)))
-        yield
-
-
-@pytest.fixture(scope="module")
-def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_autoencoder_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_t2i_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_text_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pakhsh.config import from_dict, to_dict
 from pakhsh.nets.layout import LayoutEncoder
 from pakhsh.nets.unet import UNet, UNetConfig
 from pakhsh.samplers.guidance import ClassifierFreeGuidance
+from tests.nets.test_cross_attention import build as build_unet
 
 CTX = 24
 K = 6  # layout classes
@@ -25,15 +26,8 @@ def tiny(**overrides) -> UNetConfig:
 
 
 def build(cfg: UNetConfig, seed: int = 0, randomize: bool = True) -> UNet:
-    torch.manual_seed(seed)
-    model = UNet(cfg).eval()
-    if randomize:  # the zero-initialised output projections would hide any dependence on the context
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    """The cross-attention tests' UNet (zero-initialised projections randomised), in eval mode."""
+    return build_unet(cfg, seed, randomize).eval()
 
 
 def layout(b: int = 2, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

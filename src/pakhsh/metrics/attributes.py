@@ -19,7 +19,6 @@ assume that.)
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pakhsh.config import ConfigError, load_json, save_json
+from pakhsh.config import ConfigError, load_json
 from pakhsh.data.builtin.shapes import (
     _POSITION_PHRASES,
     COLOR_NAMES,
@@ -46,7 +45,13 @@ from pakhsh.data.builtin.shapes import (
     render_scene,
 )
 from pakhsh.metrics.featnet import _stage, random_shift
-from pakhsh.metrics.weights import WeightsMismatchError, WeightsNotFoundError, load_strict, read_safetensors
+from pakhsh.metrics.weights import (
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    load_strict,
+    read_safetensors,
+    save_net_folder,
+)
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
@@ -440,16 +445,7 @@ def train_attribute_net(
 
 def save_attribute_net(net: AttributeNet, directory: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors + config.json (and train_metrics.json when given) into `directory`."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME))
-    save_json(net.cfg, out / CONFIG_NAME)
-    if metrics is not None:
-        (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
-    return out
+    return save_net_folder(net, directory, metrics)
 
 
 def load_attribute_net(directory: str | Path | None = None, device: str | torch.device = "cpu") -> AttributeNet:

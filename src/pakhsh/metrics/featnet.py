@@ -9,7 +9,6 @@ Weights are saved as `model.safetensors` plus `config.json` (FeatureNetConfig); 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,8 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pakhsh.config import ConfigError, load_json, save_json
-from pakhsh.metrics.weights import WeightsMismatchError, WeightsNotFoundError, load_strict, read_safetensors
+from pakhsh.config import ConfigError, load_json
+from pakhsh.metrics.weights import (
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    load_strict,
+    read_safetensors,
+    save_net_folder,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -233,16 +238,7 @@ def classification_accuracy(
 
 def save_feature_net(model: FeatureNet, directory: str | Path, metrics: FeatureNetTrainResult | None = None) -> Path:
     """Write model.safetensors + config.json (and train_metrics.json when given) into `directory`."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME))
-    save_json(model.cfg, out / CONFIG_NAME)
-    if metrics is not None:
-        (out / METRICS_NAME).write_text(json.dumps(metrics.to_dict(), indent=2) + "\n")
-    return out
+    return save_net_folder(model, directory, metrics.to_dict() if metrics is not None else None)
 
 
 def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") -> FeatureNet:

@@ -51,6 +51,24 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     model.load_state_dict(dict(state), strict=True)
 
 
+def save_net_folder(model: nn.Module, directory: str | Path, metrics: dict | None = None) -> Path:
+    """A small metric net's folder: model.safetensors, config.json (its `cfg` dataclass) and, when given,
+    train_metrics.json. The layout load_feature_net and load_attribute_net read back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pakhsh.config import save_json
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_json(model.cfg, out / "config.json")
+    if metrics is not None:
+        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict from .safetensors or a torch file (tensors only: no code is unpickled)."""
     if path.suffix == ".safetensors":
