@@ -1,8 +1,10 @@
-"""`pakhsh restore`: Palette image-to-image on a file or a folder (kept out of cli.py, which wires it in)."""
+"""`pakhsh restore`: Palette image-to-image (and super-resolution) on a file or a folder (kept out of cli.py,
+which wires it in)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +12,8 @@ from typing import Any, Callable
 import torch
 
 from .pipelines.palette import RESTORE_TASKS
+from .tasks import TASK_NAMES
+from .tasks.config import MAX_BLUR_SIGMA
 
 DEFAULT_RESTORE_MODEL = "palette"
 MASK_KINDS = ("center", "boxes", "freeform")
@@ -19,15 +23,19 @@ def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentPars
                        add_sampler_args: Callable[[argparse.ArgumentParser], None],
                        positive_int: Callable[[str], int], fraction: Callable[[str], float]) -> None:
     p = sub.add_parser(
-        "restore", help="image-to-image with Palette: colorize, inpaint, uncrop, panorama, jpeg",
+        "restore", help="image-to-image with Palette: colorize, inpaint, uncrop, panorama, jpeg, superres",
         description="Run a Palette model on an image file or a folder of them. Writes, per input, a row "
                     "[degraded input | output(s)] (a folder input: one row per image in OUT/grid.png and each "
-                    "output as OUT/<name>.png). Inputs are resized to the model's resolution, with a notice.")
-    p.add_argument("input", help="image file, folder of images, or data:INDEX (image INDEX of the model's test split)")
-    p.add_argument("--task", required=True, choices=RESTORE_TASKS,
+                    "output as OUT/<name>.png). Inputs are resized to the model's resolution (superres: to its "
+                    "low-resolution input, model size / scale), with a notice.")
+    p.add_argument("input", help="image file, folder of images, or data:INDEX (image INDEX of the model's test "
+                                 "split; superres: area-downsampled to the model's input size)")
+    p.add_argument("--task", default=None, choices=RESTORE_TASKS,
                    help="colorize: colour from the image's luminance; inpaint: fill the --mask; uncrop: extend "
                         "--side by --fraction; panorama: extend right to --width by repeated uncropping; jpeg: "
-                        "remove JPEG artefacts (the input is compressed at --quality first when given)")
+                        "remove JPEG artefacts (the input is compressed at --quality first when given); superres: "
+                        "upsample a low-resolution input by the model's scale (default: the model's own task; "
+                        "required for a multi-task model)")
     add_model_args(p)
     p.set_defaults(model=DEFAULT_RESTORE_MODEL)
     add_sampler_args(p)
@@ -43,6 +51,9 @@ def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentPars
     p.add_argument("--quality", type=_quality, default=None,
                    help="jpeg: compress the input at this JPEG quality (1..100; the paper's hardest is 5) before "
                         "restoring; without it the input is taken as already compressed")
+    p.add_argument("--blur", type=_sigma, default=None,
+                   help="superres: blur the low-resolution input with a Gaussian of this sigma (in its pixels) "
+                        "first, as the model's training augmentation does (default: 0, no blur)")
     p.add_argument("--width", type=positive_int, default=None,
                    help="panorama: width of the strip in pixels (default: 4 model widths)")
     p.add_argument("--samples", "-k", type=positive_int, default=1,
@@ -66,8 +77,20 @@ def _quality(text: str) -> int:
     return q
 
 
+def _sigma(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; a blur sigma is >= 0 (low-res pixels)") from None
+    if not (math.isfinite(v) and 0.0 <= v <= MAX_BLUR_SIGMA):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; a blur sigma is in [0, {MAX_BLUR_SIGMA:g}] "
+                                         "(low-res pixels)")
+    return v
+
+
 def check_restore_args(args: argparse.Namespace) -> None:
-    """Before any model loads: the input exists, flags fit the task, the output path is usable."""
+    """Before any model loads: the input exists, flags fit the task, the output path is usable. Without --task
+    the task-dependent checks wait for the model (`check_task_flags`, once its task is known)."""
     src = Path(args.input)
     if args.input.startswith("data:"):
         if not args.input[5:].strip().isdigit():
@@ -76,6 +99,8 @@ def check_restore_args(args: argparse.Namespace) -> None:
         from .imageio import image_format
 
         image_format(args.out, "--out")
+        if args.task is not None:
+            check_task_flags(args)
         return
     if not src.exists():
         raise FileNotFoundError(f"input {args.input}: not found; give an image file or a folder of images")
@@ -87,14 +112,24 @@ def check_restore_args(args: argparse.Namespace) -> None:
         image_format(args.out, "--out")
     elif Path(args.out).suffix and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: the input is a folder, so --out must be a folder (no image suffix)")
+    if args.task is not None:
+        check_task_flags(args)
+
+
+def check_task_flags(args: argparse.Namespace) -> None:
+    """Flags that fit only some tasks: a missing --mask file is an error, flags of other tasks are ignored with a
+    notice, a panorama needs one file."""
     task = args.task
+    folder = not args.input.startswith("data:") and Path(args.input).is_dir()
     if args.mask not in MASK_KINDS and task == "inpaint" and not Path(args.mask).is_file():
         raise FileNotFoundError(f"--mask {args.mask}: not a file; give a mask image or one of {', '.join(MASK_KINDS)}")
     if args.quality is not None and task != "jpeg":
         warnings.warn(f"--quality is for --task jpeg; ignored for --task {task}")
     if args.width is not None and task != "panorama":
         warnings.warn(f"--width is for --task panorama; ignored for --task {task}")
-    if task == "panorama" and src.is_dir():
+    if getattr(args, "blur", None) is not None and task != "superres":
+        warnings.warn(f"--blur is for --task superres; ignored for --task {task}")
+    if task == "panorama" and folder:
         raise ValueError("--task panorama takes one image file, not a folder")
 
 
@@ -106,6 +141,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     # check_restore_args ran in cli.main before any work (it also sets the default --out)
     pipe = PalettePipeline.from_pretrained(args.model, ema=not args.no_ema, device=args.device, bf16=args.bf16,
                                            source=args.source_format, openai_flags=args.openai_flags)
+    if args.task is None:
+        args.task = pipe.default_task
+        if args.task is None:
+            raise ValueError(f"{args.model} is a multi-task model ({', '.join(TASK_NAMES)}): choose one with --task")
+        check_task_flags(args)
     pipe.check_task(args.task)
     if args.guidance != 1.0:
         warnings.warn(f"--guidance {args.guidance:g} is ignored: Palette models are conditioned on the image, "
@@ -115,15 +155,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     settings = SampleSettings(args.sampler, args.steps or None, args.eta, threshold=args.threshold)
     if args.input.startswith("data:"):
         files, images = [Path(args.input.replace(":", "_"))], pipe.data_image(args.input)
+        if args.task == "superres":  # a full-size dataset image: the model's input is its downsample
+            images = pipe.low_res(images)
     else:
         files = _input_files(Path(args.input))
-        images = torch.cat([read_input(f, pipe.size) for f in files])
+        images = torch.cat([read_input(f, pipe.input_size(args.task), pipe.size) for f in files])
     if args.task == "panorama":
         return _panorama(args, pipe, images, settings)
     mask = _mask(args, pipe, files) if args.task == "inpaint" else None
     fraction = args.fraction if args.fraction is not None else pipe.task_config.uncrop_fraction
     cond = pipe.prepare(images, args.task, mask=mask, mask_kind=args.mask, side=args.side, fraction=fraction,
-                        quality=args.quality, seed=args.seed)
+                        quality=args.quality, seed=args.seed, blur_sigma=getattr(args, "blur", None) or 0.0)
     out = pipe.restore(cond, settings, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                        progress=not args.quiet)
     shown = cond["cond_image"]

@@ -1,9 +1,11 @@
 """Palette inference (Saharia et al. 2022): colorize, inpaint, uncrop, panorama and JPEG restoration with a model
-trained by `pakhsh train palette_*` - diffusion (any sampler of the core) or the one-pass regression baseline.
+trained by `pakhsh train palette_*`, and super-resolution (SR3; unCLIP's upsampler, `pakhsh train
+unclip_upsampler`) - diffusion (any sampler of the core) or the one-pass regression baseline.
 
 `PalettePipeline.from_pretrained("palette")` loads a model; `prepare` turns a user image into the model's
-condition (degraded image + mask); `restore` samples K outputs per input, each from its own seed stream;
-`panorama` extends an image sideways by repeated uncropping (the paper's method).
+condition (degraded image + mask; for superres the user image is the low-resolution one); `restore` samples K
+outputs per input, each from its own seed stream; `panorama` extends an image sideways by repeated uncropping
+(the paper's method).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ..conditioning.concat import restore as restore_batch
 from ..samplers import default_spacing
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from ..tasks import (
+    SINGLE_TASKS,
     TASK_NAMES,
     TaskConfig,
     apply_mask,
+    area_downsample,
     center_mask,
     degrade,
     freeform_masks,
@@ -31,6 +35,7 @@ from ..tasks import (
     panorama_step,
     panorama_tiles_needed,
     stitch_panorama,
+    superres_condition,
     to_luma,
     uncrop_canvas,
 )
@@ -38,12 +43,12 @@ from .base import ResolvedModel, Source, resolve_model
 from .unconditional import ImagePipeline, SampleSettings
 
 DEFAULT_PALETTE_MODEL = "palette"
-RESTORE_TASKS = TASK_NAMES + ("panorama",)
+RESTORE_TASKS = SINGLE_TASKS + ("panorama",)
 
 
 class PalettePipeline(ImagePipeline):
-    """A trained Palette (or regression-baseline) model. `task` is what it was trained for: one of TASK_NAMES or
-    "multi" (all four, the task given as the label)."""
+    """A trained Palette (or regression-baseline) model. `task` is what it was trained for: one of SINGLE_TASKS or
+    "multi" (the four TASK_NAMES, the task given as the label)."""
 
     def __init__(self, loaded: ResolvedModel, device: str | torch.device = "auto", bf16: bool = False) -> None:
         if loaded.config is None or loaded.config.task is None:
@@ -65,8 +70,27 @@ class PalettePipeline(ImagePipeline):
         return self.task_config.name
 
     @property
+    def default_task(self) -> str | None:
+        """The task to run when none is named: a single-task model's own; None for a multi-task model."""
+        return None if self.trained_task == "multi" else self.trained_task
+
+    @property
     def size(self) -> int:
+        """Side of the model's images: what it outputs (and, except for superres, what it takes)."""
         return self.image_shape[1]
+
+    @property
+    def scale(self) -> int:
+        """How many times larger the output is than the input: task.scale for superres, else 1."""
+        return self.task_config.scale if self.trained_task == "superres" else 1
+
+    def input_size(self, task: str) -> int:
+        """Side of the input image `prepare` takes for `task`: the model's size / scale for superres."""
+        return self.size // self.scale if task == "superres" else self.size
+
+    def low_res(self, image: Tensor) -> Tensor:
+        """A full-size image (B, C, size, size) -> the superres model's input, area-downsampled as in training."""
+        return area_downsample(image.float(), self.scale)
 
     def check_task(self, task: str) -> str:
         """The model task that does `task` (panorama is repeated uncropping); an error naming both tasks when
@@ -74,6 +98,9 @@ class PalettePipeline(ImagePipeline):
         if task not in RESTORE_TASKS:
             raise ValueError(f"--task {task}: not a task; use {', '.join(RESTORE_TASKS)}")
         needed = "uncrop" if task == "panorama" else task
+        if needed not in TASK_NAMES and self.trained_task != needed:  # multi-task models do the four only
+            raise ValueError(f"this checkpoint ({self.loaded.path}) was trained for {self.trained_task}, not {needed} "
+                             f"(--task {task}); give a {needed} model with -m")
         if self.trained_task not in ("multi", needed):
             raise ValueError(f"this checkpoint ({self.loaded.path}) was trained for {self.trained_task}, not {needed} "
                              f"(--task {task}); give a {needed} or multi-task model with -m")
@@ -81,14 +108,19 @@ class PalettePipeline(ImagePipeline):
 
     # ------------------------------------------------------------------ conditions
     def prepare(self, image: Tensor, task: str, *, mask: Tensor | None = None, mask_kind: str = "center",
-                side: str = "right", fraction: float = 0.25, quality: int | None = None, seed: int = 0) -> dict[str, Tensor]:
-        """A user image (B, C, H, W) in [-1, 1] at the model's size -> the model's condition for `task`:
+                side: str = "right", fraction: float = 0.25, quality: int | None = None, seed: int = 0,
+                blur_sigma: float = 0.0) -> dict[str, Tensor]:
+        """A user image (B, C, H, W) in [-1, 1] at `input_size(task)` -> the model's condition for `task`:
         colorize: its luma; jpeg: the image itself (already compressed), or compressed at `quality` first;
         inpaint: `mask` (B or 1, 1, H, W), or a generated centre / boxes / freeform mask; uncrop: the image
-        squeezed into the known part of the canvas, the `side` band of `fraction` generated."""
+        squeezed into the known part of the canvas, the `side` band of `fraction` generated; superres: the image
+        is the low-resolution one (size / scale), blurred by `blur_sigma` low-res pixels (0: not at all) and
+        brought to the model's size exactly as in training (`tasks.superres_condition`)."""
         needed = self.check_task(task)
         b, _, h, w = image.shape
-        if needed == "colorize":
+        if needed == "superres":
+            cond, m = superres_condition(image.float(), self.scale, (self.size, self.size), blur_sigma)
+        elif needed == "colorize":
             cond, m = to_luma(image), torch.ones(b, 1, h, w)
         elif needed == "jpeg":
             cond, m = (image if quality is None else jpeg_compress(image, quality)), torch.ones(b, 1, h, w)
@@ -178,9 +210,11 @@ class PalettePipeline(ImagePipeline):
         return stitch_panorama(tiles, fraction)[..., :width]
 
 
-def read_input(path: str | Path, size: int) -> Tensor:
+def read_input(path: str | Path, size: int, output_size: int | None = None) -> Tensor:
     """One image file -> (1, 3, size, size) in [-1, 1] (grey files become RGB); a notice says when it was
-    centre-cropped to a square or resized to the model's resolution."""
+    centre-cropped to a square or resized to the model's resolution. `output_size`, when it differs from `size`,
+    is a super-resolution model's output side: the notice then says the input is the low-resolution one, so a
+    user who gave a full-size image learns that it was shrunk first."""
     from PIL import Image
 
     from ..imageio import load_image
@@ -191,7 +225,10 @@ def read_input(path: str | Path, size: int) -> Tensor:
     name = Path(path).name
     if w != h:
         warnings.warn(f"{name} is {w}x{h}: centre-cropped to a square", stacklevel=2)
-    if min(w, h) != size:
+    if min(w, h) != size and output_size not in (None, size):
+        warnings.warn(f"{name} is {w}x{h}: resized to {size}x{size}, the low-resolution input of this "
+                      f"{output_size // size}x upsampler (the output is {output_size}x{output_size})", stacklevel=2)
+    elif min(w, h) != size:
         warnings.warn(f"{name} is {w}x{h}: resized to {size}x{size}, the model's resolution (the output is "
                       f"{size}x{size})", stacklevel=2)
     return x

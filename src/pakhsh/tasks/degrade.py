@@ -1,7 +1,8 @@
 """`degrade`: a clean training batch -> (what the model is conditioned on, which pixels it generates, task ids).
 
 Randomness comes only from the caller's CPU generator and is drawn in a fixed order (task per image, then
-each task's own draws in TASK_NAMES order), so a batch replays exactly from the generator's state.
+each task's own draws in TASK_NAMES order), so a batch replays exactly from the generator's state. superres is a
+task of its own (multi never draws it, so the multi-task stream is what it always was); see tasks/superres.py.
 """
 
 from __future__ import annotations
@@ -10,22 +11,27 @@ import torch
 from torch import Tensor
 
 from pakhsh.tasks.colorize import to_luma
-from pakhsh.tasks.config import MASK_KINDS, TASK_NAMES, UNCROP_SIDES, Degraded, TaskConfig
+from pakhsh.tasks.config import MASK_KINDS, SINGLE_TASKS, TASK_NAMES, UNCROP_SIDES, Degraded, TaskConfig
 from pakhsh.tasks.jpeg import jpeg_compress_each
 from pakhsh.tasks.masks import check_generator, apply_mask, box_masks, center_mask, freeform_masks, uncrop_mask
+from pakhsh.tasks.superres import superres_degrade
 
 
 def degrade(x0: Tensor, cfg: TaskConfig, generator: torch.Generator) -> tuple[Degraded, Tensor]:
     """Degrade a batch x0 (B, C, H, W) in [-1, 1] for training.
 
-    Returns (Degraded(cond (B, C, H, W), mask (B, 1, H, W) float32 0/1), task_ids (B,) int64 into TASK_NAMES).
-    colorize needs C = 3; the others take C = 1 or 3. Outputs are on x0's device, cond in x0's dtype.
+    Returns (Degraded(cond (B, C, H, W), mask (B, 1, H, W) float32 0/1), task_ids (B,) int64 into SINGLE_TASKS,
+    whose first four are TASK_NAMES, multi's labels). colorize needs C = 3; the others take C = 1 or 3; superres
+    needs H and W divisible by task.scale. Outputs are on x0's device, cond in x0's dtype.
     The same x0, cfg and generator state give identical outputs; the global RNG is never touched.
     """
     if x0.ndim != 4 or x0.shape[1] not in (1, 3):
         raise ValueError(f"degrade: expected images (B, 1 or 3, H, W), got shape {tuple(x0.shape)}")
     check_generator(generator)
     b, c, h, w = x0.shape
+    if cfg.name == "superres":  # never part of multi: only its own draws (tasks/superres.py)
+        ids = torch.full((b,), SINGLE_TASKS.index("superres"), dtype=torch.int64)
+        return superres_degrade(x0, cfg, generator), ids.to(x0.device)
     if cfg.name == "multi":
         ids = torch.randint(0, len(TASK_NAMES), (b,), generator=generator)
     else:
