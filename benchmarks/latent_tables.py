@@ -47,15 +47,17 @@ REF_N = 10_000
 class Scorer:
     """FID (attribute-net and shapes-net features) against one-object training scenes, and prompt alignment."""
 
-    def __init__(self, out: Path, ref_n: int = REF_N) -> None:
+    def __init__(self, out: Path, ref_n: int = REF_N, size: int = 64) -> None:
+        """Reference: `ref_n` one-object training scenes rendered at `size` (the generated images' size)."""
         self.attr = load_attribute_net()
         self.shapes = FeatureNetExtractor(load_feature_net(FEATNETS / "shapes"))
-        cache = cache_root() / "latent_tables" / f"ref_one_object_train_{ref_n}.npz"  # recomputable: not in docs
+        suffix = "" if size == 64 else f"_{size}px"
+        cache = cache_root() / "latent_tables" / f"ref_one_object_train_{ref_n}{suffix}.npz"  # recomputable
         if cache.is_file():
             z = np.load(cache)
             self.ref = {k: Stats(z[f"{k}_mu"], z[f"{k}_sigma"], int(z[f"{k}_n"])) for k in ("attr", "shapes")}
         else:
-            u8, _ = render_one_object("train", ref_n, 64)
+            u8, _ = render_one_object("train", ref_n, size)
             x = u8.float() / 127.5 - 1
             self.ref = {k: self.stats(k, x) for k in ("attr", "shapes")}
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from .cli_generate import (
     check_reconstruct_args,
 )
 from .cli_restore import add_restore_parser, check_restore_args
+from .cli_unclip import add_unclip_parser, check_unclip_args
 
 DEFAULT_MODEL = "shapes"
 DEBUG_ENV = "PAKHSH_DEBUG"  # set to 1 for Python tracebacks instead of one-line messages
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub, _positive_int, _nonneg_int, _float_in(0.0, hint=" (1 = no guidance)"))
     add_inpaint_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
     add_reconstruct_parser(sub, _positive_int)
+    add_unclip_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
     add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
                        _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
 
@@ -519,7 +521,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"classes:    {m.num_classes}{names}{null}")
     d = m.diffusion
     schedule = d.schedule if d.betas is None else "explicit betas"
-    if m.config is None or not m.config.is_autoencoder:
+    if m.config is None or m.config.objective not in ("autoencoder", "clip"):
         print(f"diffusion:  T={d.num_steps} {schedule} output={d.model_output.value} variance={d.variance.value} "
               f"loss={d.loss}" + ("" if m.clip_denoised else " (no clipping of x0)"))
     print(json.dumps(_info_json(m), indent=2, default=str))
@@ -539,6 +541,9 @@ def _info_pakhsh(m: Any) -> None:
         print(f"data:       {cfg.data.name} {size}x{size}x{ae.in_channels} -> latents {ae.latent_channels}x{size // f}x"
               f"{size // f} (f={f}; `pakhsh reconstruct -m {m.path.name} IMAGES`)")
         return
+    if cfg.is_unclip:
+        _info_unclip(cfg, m.path.name)
+        return
     if cfg.is_latent:
         c = cfg.condition
         conds = [n for n, on in (("text", c is not None and c.text is not None), ("map", c is not None and c.segmap),
@@ -552,6 +557,19 @@ def _info_pakhsh(m: Any) -> None:
     if cfg.task is not None:  # Palette: what it restores, and how
         how = "regression baseline, one pass" if cfg.objective == "regression" else "diffusion"
         print(f"task:       {cfg.task.name} ({how}; `pakhsh restore --task ... -m {m.path.name}`)")
+
+
+def _info_unclip(cfg: Any, name: str) -> None:
+    size = cfg.data.image_size
+    if cfg.objective == "clip":
+        c = cfg.clip
+        print(f"data:       {cfg.data.name} {size}x{size} images + captions ({cfg.condition.text.name_or_path} "
+              f"tokens) -> {c.embed_dim}-d joint embeddings (unCLIP's CLIP)")
+        return
+    u = cfg.unclip
+    part = "prior: caption -> image embedding" if cfg.objective == "prior" else "decoder: image embedding -> image"
+    print(f"unclip:     {part}; CLIP {u.clip} (fingerprint {u.clip_fingerprint}), {size}x{size} "
+          f"(`pakhsh unclip --{'prior' if cfg.objective == 'prior' else 'decoder'} {name} ...`)")
 
 
 def _info_json(m: Any) -> dict[str, Any]:
@@ -583,8 +601,11 @@ def _export_diffusers(args: argparse.Namespace) -> int:
     if m.config is not None and m.config.task is not None:
         raise ValueError(f"{args.checkpoint} is a Palette ({m.config.task.name}) model: diffusers has no pipeline for "
                          "it; export it with --format pakhsh")
-    if m.config is not None and (m.config.is_autoencoder or m.config.is_latent):
-        what = "an autoencoder" if m.config.is_autoencoder else "a latent diffusion model"
+    if m.config is not None and (m.config.is_autoencoder or m.config.is_latent or m.config.is_unclip):
+        from .pipelines.unconditional import unclip_part
+
+        what = ("an autoencoder" if m.config.is_autoencoder else unclip_part(m.config) if m.config.is_unclip
+                else "a latent diffusion model")
         raise ValueError(f"{args.checkpoint} is {what}: --format diffusers writes pixel-space DDPMPipelines only; "
                          "export it with --format pakhsh")
     out = export_diffusers(m.model, m.diffusion, args.out, class_names=m.class_names)
@@ -638,7 +659,7 @@ def _check_before_work(args: argparse.Namespace) -> None:
         if getattr(args, attr, None) is not None:
             _check_image_spec(getattr(args, attr))
     latent_checks = {"generate": check_generate_args, "inpaint": check_inpaint_args,
-                     "reconstruct": check_reconstruct_args}
+                     "reconstruct": check_reconstruct_args, "unclip": check_unclip_args}
     if args.command in latent_checks:
         latent_checks[args.command](args)
         _check_writable("--out", args.out, False)

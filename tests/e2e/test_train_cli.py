@@ -226,4 +226,4 @@ def test_train_a_shipped_config_by_name_from_anywhere(tmp_path, monkeypatch, cap
     assert main(["train", "shapes", "-q", *[a for kv in small for a in ("--set", kv)]]) == 0
     assert printed_checkpoint(capsys.readouterr().out) == Path("runs/shapes/checkpoints/step_0000001")
     assert main(["train", "nosuch", "-q"]) == 2
-    one_line_error(capsys, "pakhsh train: error: config nosuch: not found", "shapes, t2i; see `pakhsh configs`")
+    one_line_error(capsys, "pakhsh train: error: config nosuch: not found", "shapes, t2i, unclip_")

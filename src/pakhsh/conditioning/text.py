@@ -316,3 +316,47 @@ def truncation_notice(prompts: list[str], emb: TextEmbedding) -> str | None:
 
 def _shorten(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def cached_caption_tokens(encoder: TextEncoder, captions: list[str], chunk: int = 64, progress: bool = True
+                          ) -> tuple[Tensor, Tensor]:
+    """Token embeddings (N, L, D) float16 and masks (N, L) of a training set's captions, encoded in fixed chunks of
+    `chunk` (the values depend on it) and kept on disk under the pakhsh cache, keyed by the encoder and the
+    captions, so the next run on the same data skips the encoding. A damaged cache file is recomputed."""
+    import hashlib
+    import json
+    import os
+    import sys
+
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from ..config import cache_root
+
+    tc = encoder.config
+    key = hashlib.sha256(json.dumps([str(encoder.folder), tc.max_length, tc.layer, chunk, captions])
+                         .encode()).hexdigest()[:24]
+    path = cache_root() / "text" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            found = load_file(str(path))
+            if found["tokens"].shape[0] == len(captions):
+                return found["tokens"], found["mask"].bool()
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            pass
+    tokens, masks = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(captions), chunk), desc="encoding the captions once", unit="chunk",
+                          disable=not progress, dynamic_ncols=True, file=sys.stderr):
+            emb = encoder.encode(captions[start:start + chunk])
+            tokens.append(emb.tokens.to(torch.float16).cpu())
+            masks.append(emb.mask.cpu())
+    out = torch.cat(tokens), torch.cat(masks)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        save_file({"tokens": out[0].contiguous(), "mask": out[1].to(torch.uint8).contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache only costs the next run this encoding
+        pass
+    return out

@@ -53,6 +53,10 @@ class UNetConfig:
     use_linear_projection: bool = False  # SpatialTransformer proj_in/out as Linear (SD 2.x) vs 1x1 conv (SD 1.x)
     layout_classes: int | None = None  # object classes of layout (box) tokens; needs context_dim; None = no layout
     layout_max_objects: int = 8  # most boxes per image the layout input may hold (only with layout_classes)
+    # unCLIP's decoder: width of a CLIP image embedding added to the timestep embedding and (embed_tokens > 0)
+    # turned into that many extra cross-attention tokens (needs context_dim); None = no embedding input
+    embed_dim: int | None = None
+    embed_tokens: int = 4
 
     def __post_init__(self) -> None:
         self.attention_resolutions = tuple(self.attention_resolutions)
@@ -95,6 +99,10 @@ def validate_config(cfg: UNetConfig) -> None:
     _check(cfg.layout_classes is None or cfg.context_dim is not None, "layout_classes",
            "needs context_dim (layout tokens are read by cross-attention); set context_dim, e.g. 256")
     _check(cfg.layout_max_objects >= 1, "layout_max_objects", f"must be >= 1, got {cfg.layout_max_objects}")
+    _check(cfg.embed_dim is None or cfg.embed_dim >= 1, "embed_dim", f"must be None or >= 1, got {cfg.embed_dim}")
+    _check(cfg.embed_tokens >= 0, "embed_tokens", f"must be >= 0, got {cfg.embed_tokens}")
+    _check(cfg.embed_dim is None or cfg.embed_tokens == 0 or cfg.context_dim is not None, "embed_tokens",
+           "needs context_dim (embedding tokens are read by cross-attention); set context_dim or embed_tokens=0")
     reachable = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
     for r in cfg.attention_resolutions:
         _check(r in reachable, "attention_resolutions", f"{r} is not a level resolution; levels are {reachable}")
@@ -154,6 +162,10 @@ class UNet(nn.Module):
             self.layout = LayoutEncoder(cfg.layout_classes, cfg.context_dim, cfg.layout_max_objects)
         else:
             self.layout = None
+        if cfg.embed_dim is not None:  # unCLIP decoder: the CLIP image embedding as time-embedding shift + tokens
+            self.image_embed_proj = nn.Linear(cfg.embed_dim, emb_dim)
+            self.image_embed_tokens = (nn.Linear(cfg.embed_dim, cfg.embed_tokens * cfg.context_dim)
+                                       if cfg.embed_tokens else None)
 
     # --- construction -------------------------------------------------------------------------------------
     def _res(self, cin: int, cout: int, resample: Resample = "none") -> ResBlock:
@@ -276,6 +288,39 @@ class UNet(nn.Module):
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         return torch.cat([context, tokens.to(context.dtype)], dim=1), torch.cat([context_mask, mask], dim=1)
 
+    def _check_image_embed(self, x: Tensor, image_embed: Tensor | None) -> Tensor | None:
+        """(B, embed_dim) in x's dtype (zeros when None) for an embedding-conditioned UNet; None for others."""
+        c, b = self.cfg, x.shape[0]
+        if c.embed_dim is None:
+            if image_embed is not None:
+                raise ValueError("image_embed given but UNetConfig.embed_dim is None (this UNet takes no embedding)")
+            return None
+        if image_embed is None:
+            return x.new_zeros(b, c.embed_dim)
+        if image_embed.shape != (b, c.embed_dim):
+            raise ValueError(f"image_embed must be ({b}, {c.embed_dim}) (B, embed_dim), got {tuple(image_embed.shape)}")
+        return image_embed.to(x.device, x.dtype)
+
+    def _embed_context(
+        self, x: Tensor, context: Tensor | None, context_mask: Tensor | None, boxes: Tensor | None,
+        box_labels: Tensor | None, image_embed: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Text (and layout) context followed by the image embedding's `embed_tokens` tokens; the text part is
+        optional (a decoder conditioned on the embedding alone)."""
+        c, b = self.cfg, x.shape[0]
+        assert self.image_embed_tokens is not None and c.context_dim is not None
+        tokens = self.image_embed_tokens(image_embed).reshape(b, c.embed_tokens, c.context_dim).to(x.dtype)
+        mask = torch.ones(b, c.embed_tokens, dtype=torch.bool, device=x.device)
+        if context is None and boxes is None and box_labels is None and self.layout is None:
+            if context_mask is not None:
+                raise ValueError("context_mask given without context")
+            return tokens, mask
+        context, context_mask = self._layout_context(x, context, context_mask, boxes, box_labels)
+        assert context is not None
+        if context_mask is None:
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
+        return torch.cat([context, tokens], dim=1), torch.cat([context_mask, mask], dim=1)
+
     def _check_inputs(self, x: Tensor, t: Tensor | float, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Validate shapes at the boundary; returns t as (B,) and y as (B,) labels (null class if None)."""
         c = self.cfg
@@ -319,19 +364,29 @@ class UNet(nn.Module):
         context_mask: Tensor | None = None,
         boxes: Tensor | None = None,
         box_labels: Tensor | None = None,
+        image_embed: Tensor | None = None,
     ) -> Tensor:
         """x: (B, C_in, H, W), t: (B,) timesteps, y: (B,) labels or None, concat: (B, cond_channels, H, W) or None,
         context: (B, L, context_dim) condition tokens (required iff context_dim is set, unless the model has
         layout_classes), context_mask: (B, L) bool, True = real token, False = padding left out of cross-attention,
         boxes: (B, N, 4) x0, y0, x1, y1 as fractions of the image in [0, 1] and box_labels: (B, N) class indices,
-        -1 = no object (only with layout_classes; both None = no objects) -> (B, out_dim, H, W) in x's dtype."""
+        -1 = no object (only with layout_classes; both None = no objects), image_embed: (B, embed_dim) CLIP image
+        embeddings (only with embed_dim; None = all zeros, the null of classifier-free guidance)
+        -> (B, out_dim, H, W) in x's dtype."""
         t, y = self._check_inputs(x, t, y)
-        context, context_mask = self._layout_context(x, context, context_mask, boxes, box_labels)
+        image_embed = self._check_image_embed(x, image_embed)
+        if image_embed is not None and self.image_embed_tokens is not None:
+            context, context_mask = self._embed_context(x, context, context_mask, boxes, box_labels, image_embed)
+        else:
+            context, context_mask = self._layout_context(x, context, context_mask, boxes, box_labels)
         if concat is None and self.cfg.cond_channels:
             raise ValueError(f"this UNet takes {self.cfg.cond_channels} condition channels (concat=...); none given")
         x_in = x if concat is None else torch.cat([x, self._check_concat(x, concat)], dim=1)
         # Every ResBlock's embedding projection starts with SiLU; apply it once here instead of per block.
-        emb_act = F.silu(self.embed(t, y))  # (B, E)
+        emb = self.embed(t, y)
+        if image_embed is not None:
+            emb = emb + self.image_embed_proj(image_embed.to(emb.dtype))
+        emb_act = F.silu(emb)  # (B, E)
         # Activations run channels_last (NHWC): oneDNN/cuDNN convs skip layout reorders (~10% faster here than
         # NCHW) and attention's (B,C,H,W)<->(B,HW,C) reshapes become free views. Parameters stay contiguous
         # so state dicts save as-is (safetensors refuses non-contiguous tensors); that costs ~2% at most.

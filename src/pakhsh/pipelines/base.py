@@ -63,10 +63,10 @@ def shipped_models() -> list[str]:
     return sorted(p.name for p in ASSETS.iterdir() if (p / "model.safetensors").is_file()) if ASSETS.is_dir() else []
 
 
-def model_kind(name_or_path: str | Path) -> Literal["image", "palette", "latent", "autoencoder", "other"]:
+def model_kind(name_or_path: str | Path) -> Literal["image", "palette", "latent", "autoencoder", "unclip", "other"]:
     """What a pakhsh model does, from its config alone (no weights read): image diffusion (`pakhsh sample`),
-    Palette (`restore`), latent diffusion (`generate`) or an autoencoder (`reconstruct`); "other" for foreign
-    formats."""
+    Palette (`restore`), latent diffusion (`generate`), an autoencoder (`reconstruct`) or a part of unCLIP
+    (`unclip`); "other" for foreign formats."""
     from ..training.checkpoint import read_config, resolve_checkpoint
 
     path = resolve_model_path(name_or_path)
@@ -75,6 +75,8 @@ def model_kind(name_or_path: str | Path) -> Literal["image", "palette", "latent"
     cfg = read_config(resolve_checkpoint(path))
     if cfg.is_autoencoder:
         return "autoencoder"
+    if cfg.is_unclip:
+        return "unclip"
     if cfg.is_latent:
         return "latent"
     return "palette" if cfg.task is not None else "image"

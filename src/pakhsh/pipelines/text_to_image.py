@@ -320,6 +320,10 @@ def load_latent_model(path: str | Path, *, ema: bool = True) -> LatentDiffusionM
 
     loaded = load_model(resolve_model_path(path), ema=ema)
     cfg = loaded.config
+    if cfg.is_unclip:
+        from .unconditional import unclip_part
+
+        raise ValueError(f"{loaded.path} is {unclip_part(cfg)}, not a latent diffusion model; use `pakhsh unclip`")
     if not cfg.is_latent or cfg.latent is None:
         what = "an autoencoder" if cfg.is_autoencoder else "a pixel-space model"
         hint = "`pakhsh reconstruct`" if cfg.is_autoencoder else "`pakhsh sample` (or `pakhsh restore` for Palette)"

@@ -52,6 +52,11 @@ def _check_cuda(dev: torch.device, name: str) -> None:
         raise ValueError(f"{name} {dev}: there are {count} CUDA device(s) here: use cuda:0 .. cuda:{count - 1}")
 
 
+def unclip_part(cfg: ExperimentConfig) -> str:
+    """What part of unCLIP a config trains, for messages: "unCLIP's CLIP", "... prior", "... decoder"."""
+    return "unCLIP's " + {"clip": "CLIP", "prior": "diffusion prior"}.get(cfg.objective, "decoder")
+
+
 @dataclass
 class SampleSettings:
     """How to sample: which sampler, how many steps, guidance."""
@@ -109,6 +114,9 @@ class ImagePipeline:
         if cfg is not None and cfg.is_autoencoder:
             raise ValueError(f"{self.loaded.path} is an autoencoder, not a diffusion model: use `pakhsh reconstruct "
                              "-m MODEL IMAGES`")
+        if cfg is not None and cfg.is_unclip:
+            raise ValueError(f"{self.loaded.path} is {unclip_part(cfg)}: use `pakhsh unclip \"caption\"` (or "
+                             "--variations / --interpolate)")
         self.device = pick_device(str(device))
         self.model = self.loaded.model.to(self.device).eval()
         self.config: ExperimentConfig | None = self.loaded.config  # None for diffusers / openai models

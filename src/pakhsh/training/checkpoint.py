@@ -100,8 +100,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-# weights a checkpoint holds beside the trained net that are not trained (latent models: the autoencoder)
-FROZEN_FILES = ("autoencoder.safetensors",)
+# weights a checkpoint holds beside the trained net that are not trained (latent models: the autoencoder; unCLIP
+# priors and decoders: the CLIP)
+FROZEN_FILES = ("autoencoder.safetensors", "clip.safetensors")
 
 
 def write_checkpoint(run_dir: Path, step: int, files: dict[str, Any], config: ExperimentConfig, keep_last: int) -> Path:

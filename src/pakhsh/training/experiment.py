@@ -12,6 +12,8 @@ from ..diffusion import DiffusionConfig
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
 from ..conditioning.text import TextEncoderConfig
 from ..nets.autoencoder import AutoencoderConfig
+from ..nets.clip import CLIPConfig
+from ..nets.prior import PriorConfig
 from ..nets.unet import UNetConfig
 from ..tasks import TASK_NAMES, TaskConfig
 
@@ -153,6 +155,28 @@ class ConditionConfig:
 
 
 @dataclass
+class UnclipConfig:
+    """unCLIP's prior (objective=prior) and decoder (objective=diffusion with this section): both read a frozen
+    CLIP run's embeddings; the CLIP's weights go into every checkpoint beside the trained net, so a checkpoint is
+    whole and a prior and a decoder can be checked to share one CLIP (`clip_fingerprint`)."""
+
+    clip: str = "unclip_clip"  # a shipped CLIP, a CLIP run folder or checkpoint
+    caption: bool = False  # decoder: also cross-attend to the caption's tokens (GLIDE-style; the prior always does)
+    text_dropout: float = 0.1  # the caption -> "" (prior: tokens and text embedding; decoder: its tokens)
+    embed_dropout: float = 0.1  # decoder: the image embedding -> zeros (the null of classifier-free guidance)
+    # filled when training starts, from the CLIP: its config, its text encoder and a hash of its weights
+    clip_config: CLIPConfig | None = None
+    text: TextEncoderConfig | None = None
+    clip_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("text_dropout", "embed_dropout"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ValueError(f"unclip.{name}={v!r}: must be in [0, 1)")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one training run needs; saved as config.json beside every checkpoint."""
 
@@ -166,18 +190,26 @@ class ExperimentConfig:
     # image-to-image (Palette): the degradation the model learns to undo; None for unconditional / class models
     task: TaskConfig | None = None
     # "diffusion"; "regression" (Palette only: the same net maps the degraded image to x_0 in one pass, the
-    # paper's baseline); "autoencoder" (trains the KL autoencoder `autoencoder` of latent diffusion)
-    objective: Literal["diffusion", "regression", "autoencoder"] = "diffusion"
+    # paper's baseline); "autoencoder" (trains the KL autoencoder `autoencoder` of latent diffusion); "clip"
+    # (trains the contrastive image/text encoders `clip` of unCLIP on captioned images, text from condition.text);
+    # "prior" (unCLIP's diffusion prior `prior` over the `unclip.clip` embeddings)
+    objective: Literal["diffusion", "regression", "autoencoder", "clip", "prior"] = "diffusion"
     autoencoder: AutoencoderConfig | None = None  # objective=autoencoder: the net trained (model is unused)
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     latent: LatentConfig | None = None  # latent diffusion: the UNet denoises this autoencoder's latents
     condition: ConditionConfig | None = None  # latent models: text / segmentation map / layout conditions
+    clip: CLIPConfig | None = None  # objective=clip: the net trained (model is unused)
+    prior: PriorConfig | None = None  # objective=prior: the net trained (model is unused)
+    unclip: UnclipConfig | None = None  # unCLIP prior and decoder: the frozen CLIP they read
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = _folder_name(self.data) or DEFAULT_NAME
         if self.train.out_dir is None:
             self.train.out_dir = f"runs/{self.name}"
+        _check_unclip_sections(self)
+        if self.objective in ("clip", "prior"):
+            return
         if self.objective == "autoencoder":
             if self.autoencoder is None:
                 raise ValueError("objective=autoencoder needs an autoencoder: section (the net to train)")
@@ -206,6 +238,59 @@ class ExperimentConfig:
     @property
     def is_autoencoder(self) -> bool:
         return self.objective == "autoencoder"
+
+    @property
+    def is_unclip(self) -> bool:
+        """A run on unCLIP's frozen parts (training/unclip.py): the CLIP itself, the prior or the decoder."""
+        return self.objective in ("clip", "prior") or self.unclip is not None
+
+    @property
+    def trains_unet(self) -> bool:
+        return self.objective not in ("autoencoder", "clip", "prior")
+
+
+def _check_unclip_sections(cfg: ExperimentConfig) -> None:
+    """clip / prior / unclip sections appear exactly with the objectives that read them."""
+    if cfg.objective == "clip":
+        if cfg.clip is None:
+            raise ValueError("objective=clip needs a clip: section (the net to train)")
+        if cfg.condition is None or cfg.condition.text is None:
+            raise ValueError("objective=clip needs condition.text (the frozen text encoder, e.g. {name_or_path: "
+                             "minilm})")
+        if cfg.condition.segmap or cfg.condition.layout:
+            raise ValueError("objective=clip reads captions only: set condition.segmap and condition.layout false")
+        if cfg.task is not None or cfg.latent is not None or cfg.unclip is not None or cfg.prior is not None:
+            raise ValueError("objective=clip trains the CLIP alone: remove task, latent, prior and unclip")
+        if cfg.clip.text_dim is not None and cfg.clip.max_text_tokens < cfg.condition.text.max_length:
+            raise ValueError(f"clip.max_text_tokens={cfg.clip.max_text_tokens} < condition.text.max_length="
+                             f"{cfg.condition.text.max_length}")
+        return
+    if cfg.clip is not None:
+        raise ValueError("a clip: section is only for objective=clip (prior and decoder name theirs as unclip.clip)")
+    if cfg.objective == "prior":
+        if cfg.prior is None or cfg.unclip is None:
+            raise ValueError("objective=prior needs a prior: section (the net) and an unclip: section (its CLIP)")
+        if cfg.task is not None or cfg.latent is not None or cfg.condition is not None:
+            raise ValueError("objective=prior works on CLIP embeddings: remove task, latent and condition")
+        if cfg.diffusion.model_output.value != "x0":
+            raise ValueError("objective=prior predicts the clean embedding, as unCLIP's prior does: set "
+                             "diffusion.model_output=x0")
+        if cfg.diffusion.variance.value == "learned_range":
+            raise ValueError("objective=prior: diffusion.variance=learned_range is not supported (the prior outputs "
+                             "one embedding); use fixed_small")
+        return
+    if cfg.prior is not None:
+        raise ValueError("a prior: section is only for objective=prior")
+    if cfg.unclip is not None:
+        if cfg.objective != "diffusion" or cfg.task is not None or cfg.latent is not None or cfg.condition is not None:
+            raise ValueError("unclip: with objective=diffusion is unCLIP's pixel decoder: remove task, latent and "
+                             "condition")
+        m = cfg.model
+        if m.embed_dim is None:
+            raise ValueError("the unCLIP decoder needs model.embed_dim (the CLIP embedding width, e.g. 64)")
+        if cfg.unclip.caption and m.context_dim is None:
+            raise ValueError("unclip.caption=true needs cross-attention: set model.context_dim to the text "
+                             "encoder's width (minilm: 384)")
 
 
 def _check_condition_model(cond: ConditionConfig, model: UNetConfig) -> None:
@@ -238,6 +323,9 @@ def _check_task_model(task: TaskConfig, model: UNetConfig) -> None:
                          f"({', '.join(TASK_NAMES)}), got {model.num_classes}")
     if task.name != "multi" and model.num_classes is not None:
         raise ValueError(f"task.name={task.name} is one task: set model.num_classes=null (or task.name=multi)")
+    if task.name == "superres" and model.image_size % task.scale:
+        raise ValueError(f"task.scale={task.scale}: model.image_size={model.image_size} must be a multiple of it "
+                         "(the low-resolution input is image_size / scale)")
 
 
 DEFAULT_NAME = "experiment"

@@ -143,43 +143,9 @@ class LatentSystem:
             self._tokens, self._masks = self._encode_captions(captions, progress)
 
     def _encode_captions(self, captions: list[str], progress: bool) -> tuple[Tensor, Tensor]:
-        """Token embeddings (N, L, D) float16 and masks (N, L) of the captions, in fixed chunks; kept on disk under
-        the pakhsh cache, keyed by the encoder and the captions, so the next run on the same data skips this."""
-        import hashlib
-        import json
-        import os
+        from ..conditioning.text import cached_caption_tokens
 
-        from safetensors.torch import load_file, save_file
-
-        from ..config import cache_root
-
-        tc = self.cfg.condition.text  # type: ignore[union-attr]
-        key = hashlib.sha256(json.dumps([str(self.text_encoder.folder), tc.max_length, tc.layer, CHUNK, captions])
-                             .encode()).hexdigest()[:24]
-        path = cache_root() / "text" / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                found = load_file(str(path))
-                if found["tokens"].shape[0] == len(captions):
-                    return found["tokens"], found["mask"].bool()
-            except Exception:  # a damaged cache file is recomputed, never trusted
-                pass
-        tokens, masks = [], []
-        with torch.no_grad():
-            for start in tqdm(range(0, len(captions), CHUNK), desc="encoding the captions once", unit="chunk",
-                              disable=not progress, dynamic_ncols=True, file=sys.stderr):
-                emb = self.text_encoder.encode(captions[start:start + CHUNK])
-                tokens.append(emb.tokens.to(torch.float16).cpu())
-                masks.append(emb.mask.cpu())
-        out = torch.cat(tokens), torch.cat(masks)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-            save_file({"tokens": out[0].contiguous(), "mask": out[1].to(torch.uint8).contiguous()}, str(tmp))
-            os.replace(tmp, path)
-        except OSError:  # a read-only or full cache only costs the next run this encoding
-            pass
-        return out
+        return cached_caption_tokens(self.text_encoder, captions, CHUNK, progress)
 
     def _measure_scale(self, dataset: Any) -> float:
         """1 / std of posterior samples of the first `scale_samples` images (fixed noise): unit-variance latents,

@@ -109,6 +109,12 @@ def describe_data(ds: Any, data: Any, num_classes: int | None, task: Any = None,
                                 ("class labels", num_classes is not None)) if on]
         return (f"{where}: {len(ds):,} images ({data.image_size}x{data.image_size}) -> latents of "
                 f"{cfg.latent.autoencoder}; conditioned on {', '.join(used) or 'nothing (unconditional)'}")
+    if cfg is not None and cfg.is_unclip:
+        size = f"{len(ds):,} captioned images ({data.image_size}x{data.image_size})"
+        if cfg.objective == "clip":
+            return f"{where}: {size}, for the contrastive image/text encoders"
+        what = "the prior (caption -> image embedding)" if cfg.objective == "prior" else "the decoder"
+        return f"{where}: {size} -> embeddings of the CLIP {cfg.unclip.clip}, for {what}"
     names = getattr(ds, "class_names", None)
     count = getattr(ds, "num_classes", None) or (len(names) if names else None)
     if not count:
@@ -125,11 +131,16 @@ def describe_data(ds: Any, data: Any, num_classes: int | None, task: Any = None,
 
 
 @torch.no_grad()
-def save_preview(trainer: "Trainer", path: Path) -> Path:
-    """Sample `num_preview` images from the preview EMA with ancestral steps (fixed seed) and save them as a grid."""
+def save_preview(trainer: "Trainer", path: Path) -> Path | None:
+    """Sample `num_preview` images from the preview EMA with ancestral steps (fixed seed) and save them as a grid
+    (None for runs whose net makes no images: unCLIP's CLIP and prior)."""
     from ..samplers import ancestral_sample
 
     cfg = trainer.cfg
+    if cfg.objective in ("clip", "prior"):
+        return None
+    if cfg.unclip is not None:
+        return _unclip_decoder_preview(trainer, path)
     if cfg.task is not None:
         return _palette_preview(trainer, path)
     if cfg.is_autoencoder:
@@ -229,4 +240,22 @@ def _latent_preview(trainer: "Trainer", path: Path) -> Path:
     x = pipe.generate(prompts, None, SampleSettings("ddim", 25, guidance=3.0), seed=cfg.train.seed,
                       progress=False, **extra)
     rows = torch.stack([torch.stack([it["image"] for it in items]).float(), x.float()], dim=1)
+    return save_grid(rows.flatten(0, 1), path, nrow=min(8, 2 * n) // 2 * 2, scale=2)
+
+
+def _unclip_decoder_preview(trainer: "Trainer", path: Path) -> Path:
+    """unCLIP decoder: rows of [training image | decoded from its CLIP image embedding] (guidance 3, 25 DDIM steps,
+    fixed seed)."""
+    from ..pipelines.unclip import decode_embeddings
+
+    cfg, system = trainer.cfg, trainer.system
+    n = min(cfg.train.num_preview, len(trainer.dataset), 16)
+    batch = {"index": torch.arange(n), "image": torch.stack([trainer.dataset[i]["image"] for i in range(n)])}
+    emb = system.image_embeddings(batch["index"])
+    context = system.text(batch) if system.needs_text else None
+    null = system.null() if system.needs_text else None
+    with trainer.acc.autocast():
+        x = decode_embeddings(_preview_net(trainer), trainer.diffusion, emb, seed=cfg.train.seed, guidance=3.0,
+                              steps=25, context=context, null_context=null)
+    rows = torch.stack([batch["image"].float().cpu(), x.float().cpu()], dim=1)
     return save_grid(rows.flatten(0, 1), path, nrow=min(8, 2 * n) // 2 * 2, scale=2)

@@ -6,7 +6,10 @@
 - regression (Palette's baseline): the same net maps the degraded image to x_0 in one pass, L2 on x_0;
 - autoencoder (latent diffusion's first stage): reconstruction + KL (+ GAN), see training/autoencoder.py;
 - latent diffusion (a `latent` section): `training_losses` on the frozen autoencoder's scaled latents, with the
-  text / map / layout conditions of training/latent.py.
+  text / map / layout conditions of training/latent.py;
+- unCLIP (training/unclip.py): the CLIP's symmetric contrastive loss (objective=clip); the prior's diffusion on
+  CLIP image embeddings, predicting the clean embedding (objective=prior); the decoder's pixel diffusion
+  conditioned on the image embedding (an `unclip` section).
 
 Each returns LossTerms with per-sample (B,) terms; the trainer weights, averages and back-propagates them.
 """
@@ -38,12 +41,21 @@ class Draws(NamedTuple):
 
 
 def build_net(cfg: ExperimentConfig) -> nn.Module:
-    """The module a run trains: the UNet, or for objective=autoencoder the autoencoder (+ discriminator)."""
+    """The module a run trains: the UNet, or for objective=autoencoder the autoencoder (+ discriminator), for
+    objective=clip the CLIP, for objective=prior the prior transformer."""
     if cfg.is_autoencoder:
         from .autoencoder import AutoencoderTrainee
 
         assert cfg.autoencoder is not None
         return AutoencoderTrainee(cfg.autoencoder, cfg.autoencoder_loss)
+    if cfg.objective == "clip":
+        from ..nets.clip import CLIP
+
+        return CLIP(cfg.clip)
+    if cfg.objective == "prior":
+        from ..nets.prior import DiffusionPrior
+
+        return DiffusionPrior(cfg.prior)
     from ..nets.unet import UNet
 
     return UNet(cfg.model)
@@ -53,6 +65,8 @@ def compute_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusi
                    draws: Draws, device: torch.device, system: Any = None) -> LossTerms:
     """The per-sample loss terms of one micro-batch for the system `cfg` describes (`system`: the LatentSystem
     of a latent run)."""
+    if cfg.is_unclip:
+        return _unclip_losses(cfg, model, diffusion, batch, draws, system)
     x0 = batch["image"].to(device, non_blocking=True)
     if cfg.is_autoencoder:
         from .autoencoder import autoencoder_losses
@@ -103,3 +117,20 @@ def regression_losses(net: ConcatConditioned, x0: torch.Tensor, cond: dict[str, 
     """L2 between the one-pass prediction and x_0 over the generated pixels (Palette's "Regression" row)."""
     mse = mean_flat((regression_x0(net, cond).float() - x0.float()) ** 2, cond["mask"])
     return LossTerms(mse, mse, torch.zeros_like(mse))
+
+
+def _unclip_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusion, batch: dict[str, torch.Tensor],
+                   draws: Draws, system: Any) -> LossTerms:
+    """CLIP: the symmetric InfoNCE per pair; prior and decoder: diffusion losses on the system's x_0 and conditions."""
+    assert system is not None and draws.u is not None
+    if cfg.objective == "clip":
+        from ..nets.clip import contrastive_loss
+
+        images, tokens, mask = system.clip_inputs(batch)
+        image_emb, text_emb, scale = model(images, tokens, mask)
+        loss = contrastive_loss(image_emb, text_emb, scale)
+        return LossTerms(loss, loss.detach(), torch.zeros_like(loss))
+    x0 = system.latents(batch)
+    cond = system.conditions(batch, draws.u)
+    return training_losses(diffusion, model, x0, draws.t, loss_type=cfg.diffusion.loss, noise=draws.noise,
+                           cond=cond, vlb_weight=cfg.diffusion.vlb_weight)

@@ -111,6 +111,12 @@ class Trainer:
         cfg = self.cfg
         self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task, cfg))
         self.system = self._latent_system(resume) if cfg.is_latent else None
+        if cfg.is_unclip:
+            from .unclip import start_unclip_system
+
+            self.system, self.cfg = start_unclip_system(
+                cfg, self.dataset, self.acc.device, latest_checkpoint(self.out) if resume else None,
+                progress=self.progress and self.acc.is_main_process)
         cfg = self.cfg
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.net = build_net(cfg)
@@ -148,6 +154,8 @@ class Trainer:
         return system
 
     def _check_model_fits(self) -> None:
+        if self.cfg.objective in ("clip", "prior"):  # their nets are checked against the CLIP when it loads
+            return
         if self.cfg.is_autoencoder:
             ae, ch = self.cfg.autoencoder, self.cfg.data.channels
             if ae is not None and ch is not None and ch != ae.in_channels:
@@ -431,6 +439,8 @@ class Trainer:
         latent_eps = u = None
         if self.cfg.is_latent or self.cfg.is_autoencoder:  # drawn after the others: older systems' streams stay
             latent_eps = torch.randn((per * world, *self._latent_shape(tuple(x0.shape[1:]))), generator=g)[sl].to(dev)
+            u = torch.rand(per * world, 3, generator=g)[sl]
+        elif self.cfg.is_unclip:  # caption / embedding dropout of the prior and decoder
             u = torch.rand(per * world, 3, generator=g)[sl]
         t, weights, noise = ts.t[sl].to(dev), ts.weights[sl].to(dev), noise[sl].to(dev)
         if self.cfg.model.num_classes is not None and self.cfg.task is None:
