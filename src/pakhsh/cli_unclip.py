@@ -92,14 +92,24 @@ def check_unclip_args(args: argparse.Namespace) -> None:
 
 
 def _image(spec: str, size: int) -> Any:
-    """An image file (resized to the CLIP's size, with a notice) or data:INDEX -> (1, 3, size, size)."""
+    """An image file (resized to the CLIP's input size, with a notice) or data:INDEX -> (1, 3, size, size)."""
     if spec.startswith("data:"):
         from .cli_generate import _test_scene
 
         return _test_scene(int(spec[5:]), size)["image"][None]
-    from .pipelines.palette import read_input
+    import warnings
 
-    return read_input(spec, size)
+    from PIL import Image
+
+    from .imageio import load_image
+
+    x = load_image(spec, size=size, channels=3)  # safe decoding, one-line errors naming the file
+    with Image.open(spec) as im:
+        w, h = im.size
+    if (w, h) != (size, size):
+        warnings.warn(f"{Path(spec).name} is {w}x{h}: {'centre-cropped and ' if w != h else ''}resized to "
+                      f"{size}x{size}, the CLIP's input size", stacklevel=2)
+    return x
 
 
 def cmd_unclip(args: argparse.Namespace) -> int:

@@ -41,13 +41,14 @@ class UnclipSettings:
     sampler: str = "ddim"
 
     def __post_init__(self) -> None:
+        flags = {"prior_candidates": "candidates"}  # the CLI's flag names, for the messages
         for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name.replace('_', '-')}={v!r}: must be a whole number >= 1")
+                raise ValueError(f"--{flags.get(name, name.replace('_', '-'))}={v!r}: must be a whole number >= 1")
         for name in ("prior_guidance", "decoder_guidance"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: must be >= 0")
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: must be >= 0")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
 
@@ -252,6 +253,8 @@ class UnclipPipeline:
         from tqdm.auto import tqdm
 
         captions = list(captions)
+        if not captions:
+            raise ValueError("no captions given: pass one or more")
         out = []
         with tqdm(total=len(captions), desc="unCLIP: prior -> decoder -> upsampler", unit="img", disable=not progress,
                   dynamic_ncols=True, file=sys.stderr) as bar:
@@ -271,7 +274,9 @@ class UnclipPipeline:
     def interpolate(self, a: Tensor, b: Tensor, n: int, settings: UnclipSettings | None = None, *, seed: int = 0,
                     upsample: bool = True) -> Tensor:
         """Two images (1, C, S, S) -> n images along the slerp between their CLIP embeddings, all decoded from
-        the same noise (the paper's Fig. 4 with its noise held fixed)."""
+        the same starting noise (the paper's Fig. 4 with its noise held fixed; the whole path is then deterministic
+        with DDIM, the default; stochastic samplers and the upsampler draw each image's later noise from its
+        index)."""
         if n < 2:
             raise ValueError(f"--steps-between / n={n}: an interpolation needs at least 2 images")
         ea, eb = self.image_embeddings(a), self.image_embeddings(b)

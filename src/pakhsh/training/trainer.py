@@ -85,6 +85,11 @@ class Trainer:
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self._check_model_fits()
         self.acc = make_accelerator(tc, self.precision)
+        if cfg.objective == "clip" and (tc.grad_accum > 1 or self.acc.num_processes > 1):
+            # the contrastive loss takes the rest of the batch as negatives: a slice of it is another objective
+            raise ValueError("objective=clip trains on one process with train.grad_accum=1 (the contrastive loss "
+                             "uses the whole batch as negatives; a micro-batch or per-process slice would see "
+                             "fewer); raise train.batch_size instead")
         self.acc.print(f"mixed precision: {self.precision} ({why})")
         self.lock = RunLock(self.out)  # main process only: one writer per run folder
         self.resumed_from: Path | None = None
