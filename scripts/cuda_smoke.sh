@@ -2,6 +2,7 @@
 # CUDA smoke run of the whole CLI: train -> resume -> sample (every sampler) -> vary -> interpolate -> nll ->
 # eval -> export -> info, then Palette (train multi-task + regression -> restore every task, every sampler), then
 # latent diffusion (autoencoder -> reconstruct -> text/map/layout model -> generate with every sampler -> inpaint),
+# then unCLIP (CLIP -> prior, decoder, upsampler -> resume -> unclip captions / variations / interpolations),
 # in fp32 and bf16, on a GPU. Run it on a CUDA machine whenever training or sampling
 # code changed:
 #     bash scripts/cuda_smoke.sh [WORKDIR]          (DEVICE=cpu bash scripts/cuda_smoke.sh for a dry run)
@@ -79,6 +80,24 @@ for prec in no bf16; do
   done
   run "inpaint_$prec" "${PK[@]}" inpaint data:0 "a small blue star" -m "$L" --device "$DEVICE" "${FLAG[@]}" --steps 10 -o "$W/ip_$prec.png" -q
 done
+# unCLIP: CLIP -> prior + decoder on it -> super-resolution upsampler -> resume -> the three unclip modes
+UTINY=(--set data.length=256 --set train.log_every=10 --set train.save_every=20 --set train.sample_every=20
+       --set train.num_preview=4 --set "train.device=$DEVICE")
+for prec in no bf16; do
+  C="$W/clip_$prec"; PR="$W/prior_$prec"; D="$W/dec_$prec"; U="$W/up_$prec"; M=(--set "train.mixed_precision=$prec")
+  run "clip_train_$prec" "${PK[@]}" train unclip_clip "${UTINY[@]}" "${M[@]}" --set train.steps=20 --out "$C" -q
+  run "prior_train_$prec" "${PK[@]}" train unclip_prior "${UTINY[@]}" "${M[@]}" --set train.steps=20 --set "unclip.clip=$C" --out "$PR" -q
+  run "decoder_train_$prec" "${PK[@]}" train unclip_decoder "${UTINY[@]}" "${M[@]}" --set train.steps=20 --set "unclip.clip=$C" --out "$D" -q
+  run "decoder_resume_$prec" "${PK[@]}" train unclip_decoder "${UTINY[@]}" "${M[@]}" --set train.steps=40 --set "unclip.clip=$C" --out "$D" --resume -q
+  run "upsampler_train_$prec" "${PK[@]}" train unclip_upsampler "${UTINY[@]}" "${M[@]}" --set train.steps=20 --out "$U" -q
+  run "unclip_captions_$prec" "${PK[@]}" unclip "a large red circle at the top left on a gray background" --prior "$PR" \
+      --decoder "$D" --upsampler "$U" --device "$DEVICE" --prior-steps 5 --decoder-steps 5 --upsampler-steps 5 -n 2 -o "$W/u_$prec.png" -q
+  run "unclip_variations_$prec" "${PK[@]}" unclip --variations data:0 --decoder "$D" --upsampler "$U" --device "$DEVICE" \
+      --decoder-steps 5 --upsampler-steps 5 -n 2 -o "$W/uv_$prec.png" -q
+  run "unclip_interpolate_$prec" "${PK[@]}" unclip --interpolate data:0 data:1 --decoder "$D" --upsampler none \
+      --device "$DEVICE" --decoder-steps 5 -n 3 -o "$W/ui_$prec.png" -q
+done
+run "unclip_shipped" "${PK[@]}" unclip "a small blue star at the center on a white background" --device "$DEVICE" -o "$W/unclip.png" -q
 run "generate_shipped" "${PK[@]}" generate "a small green square in the center on a white background" --device "$DEVICE" -o "$W/t2i.png" -q
 run "sample_shipped" "${PK[@]}" sample -m fashion_mnist --device "$DEVICE" --steps 20 -n 16 -o "$W/shipped.png" -q
 echo "SMOKE PASSED: all steps on $DEVICE ($W)"

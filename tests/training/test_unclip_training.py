@@ -325,7 +325,7 @@ def test_resume_refuses_a_checkpoint_whose_clip_was_replaced(prior_run: Path, cl
     code, err = run_cli(["--threads", "1", "train", "unclip_prior", "--out", str(run), "-q", "--resume",
                          *[a for s in prior_sets(clip_b_run, "train.steps=6") for a in ("--set", s)]], capsys)
     assert code == 2, err
-    one_line(err, CLIP_FILE, "not the CLIP this run was trained on")
+    one_line(err, CLIP_FILE, "not the CLIP this model was trained on")
 
 
 def test_a_decoder_on_the_embedding_alone(clip_run: Path, tmp_path: Path) -> None:

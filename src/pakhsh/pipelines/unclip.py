@@ -95,6 +95,25 @@ def decode_embeddings(net: Any, diffusion: GaussianDiffusion, image_embed: Tenso
     return _run(d, _guided(net, guidance, null), x_T.to(dev), cond, gens, sampler, True).float().cpu()
 
 
+@torch.no_grad()
+def upsample_images(net: Any, diffusion: GaussianDiffusion, cfg: Any, low: Tensor, *, steps: int = 25,
+                    sampler: str = "ddim", seed: int = 0, first_index: int = 0) -> Tensor:
+    """A super-resolution model (config `cfg`, task superres): low-resolution images (N, C, h, w) in [-1, 1] ->
+    (N, C, scale*h, scale*w), conditioned exactly as in training without the augmentation. Image i's noise comes
+    from (seed + 1, first_index + i): another stream than the decoder's, which draws from (seed, i)."""
+    from ..conditioning.concat import restore
+    from ..tasks.superres import superres_condition
+
+    dev = next(net.parameters()).device
+    size = cfg.model.image_size
+    cond_image, mask = superres_condition(low.float(), cfg.task.scale, (size, size))
+    cond = {"cond_image": cond_image.to(dev), "mask": mask.to(dev)}
+    gens = ImageGenerators.for_images(seed + 1, range(first_index, first_index + low.shape[0]))
+    x_T = gens.randn(cfg.model.out_channels, size, size).to(dev)
+    out = restore(chain(diffusion, sampler, steps), net, cond, x_T, sampler=sampler, generator=gens)
+    return out.float().clamp(-1, 1).cpu()
+
+
 class UnclipPipeline:
     """The whole unCLIP system from its checkpoints; see the module docstring. Build with `from_pretrained`."""
 
@@ -118,7 +137,9 @@ class UnclipPipeline:
                                  "embeddings do not match; train both on one CLIP (unclip.clip)")
             self.prior_net = prior.model.to(self.device).eval()
             self.prior_diffusion = GaussianDiffusion.from_config(prior.config.diffusion)
-        self.clip = _frozen_clip(decoder.path, du).to(self.device)
+        from ..training.unclip import frozen_clip
+
+        self.clip = frozen_clip(decoder.path, du).to(self.device)
         self.text_encoder = TextEncoder(du.text).to(self.device)
         self.decoder_net = decoder.model.to(self.device).eval()
         self.decoder_diffusion = GaussianDiffusion.from_config(decoder.config.diffusion)
@@ -229,21 +250,11 @@ class UnclipPipeline:
     def upsample(self, low: Tensor, settings: UnclipSettings | None = None, *, seed: int = 0,
                  first_index: int = 0) -> Tensor:
         """Low-resolution images (N, C, h, w) -> (N, C, scale*h, scale*w) with the diffusion upsampler."""
-        from ..conditioning.concat import restore
-        from ..tasks.superres import superres_condition
-
         if self.upsampler is None:
             raise ValueError("no upsampler loaded")
         s = settings or UnclipSettings()
-        cfg = self.upsampler.config
-        size = cfg.model.image_size
-        cond_image, mask = superres_condition(low.float(), cfg.task.scale, (size, size))
-        cond = {"cond_image": cond_image.to(self.device), "mask": mask.to(self.device)}
-        gens = ImageGenerators.for_images(seed + 1, range(first_index, first_index + low.shape[0]))
-        x_T = gens.randn(cfg.model.out_channels, size, size).to(self.device)
-        d = chain(self.upsampler_diffusion, s.sampler, s.upsampler_steps)
-        out = restore(d, self.upsampler_net, cond, x_T, sampler=s.sampler, generator=gens)
-        return out.float().clamp(-1, 1).cpu()
+        return upsample_images(self.upsampler_net, self.upsampler_diffusion, self.upsampler.config, low,
+                               steps=s.upsampler_steps, sampler=s.sampler, seed=seed, first_index=first_index)
 
     def generate(self, captions: Sequence[str], settings: UnclipSettings | None = None, *, seed: int = 0,
                  upsample: bool = True, progress: bool = True, batch_size: int = 16) -> Tensor:
@@ -285,25 +296,6 @@ class UnclipPipeline:
         m = self.decoder_net.cfg
         noise = ImageGenerators.for_images(seed, [0]).randn(m.out_channels, m.image_size, m.image_size)
         return self.decode(emb, None, settings, seed=seed, x_T=noise.expand(n, -1, -1, -1), upsample=upsample)
-
-
-def _frozen_clip(folder: Path, unclip: Any) -> CLIP:
-    """The CLIP a prior / decoder checkpoint holds; a file that does not match the recorded fingerprint is refused."""
-    from ..training.checkpoint import check_fits, read_tensors
-    from ..training.unclip import CLIP_FILE, clip_fingerprint
-
-    path = Path(folder) / CLIP_FILE
-    if unclip.clip_config is None or not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CLIP_FILE} beside the weights (an unCLIP prior or decoder carries its "
-                                "CLIP); give the run folder or the exported model")
-    clip = CLIP(unclip.clip_config)
-    state = read_tensors(path)  # a damaged file: CheckpointError naming it
-    check_fits(clip, state, path)  # weights of another CLIP shape: CheckpointError naming the keys
-    clip.load_state_dict(state)
-    if unclip.clip_fingerprint is not None and clip_fingerprint(clip) != unclip.clip_fingerprint:
-        raise ValueError(f"{path}: its weights are not the CLIP this model was trained on (fingerprint "
-                         f"{clip_fingerprint(clip)} != {unclip.clip_fingerprint})")
-    return clip.eval()
 
 
 def _check_upsampler(upsampler: Any, decoder: Any) -> None:

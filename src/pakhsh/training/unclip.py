@@ -64,6 +64,25 @@ def load_clip(spec: str | Path, *, ema: bool = True) -> tuple[CLIP, ExperimentCo
     return loaded.model.eval(), cfg, folder  # type: ignore[return-value]
 
 
+def frozen_clip(folder: Path, unclip: UnclipConfig) -> CLIP:
+    """The CLIP a prior / decoder checkpoint (or export) holds, in eval mode on the CPU; a damaged file, one of
+    another shape, or weights whose fingerprint is not the recorded one are refused, naming the file."""
+    from .checkpoint import check_fits, read_tensors
+
+    path = Path(folder) / CLIP_FILE
+    if unclip.clip_config is None or not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CLIP_FILE} beside the weights (an unCLIP prior or decoder carries its "
+                                "CLIP); give the run folder or the exported model")
+    clip = CLIP(unclip.clip_config)
+    state = read_tensors(path)  # a damaged file: CheckpointError naming it
+    check_fits(clip, state, path)  # weights of another CLIP shape: CheckpointError naming the keys
+    clip.load_state_dict(state)
+    if unclip.clip_fingerprint is not None and clip_fingerprint(clip) != unclip.clip_fingerprint:
+        raise ValueError(f"{path}: its weights are not the CLIP this model was trained on (fingerprint "
+                         f"{clip_fingerprint(clip)} != {unclip.clip_fingerprint})")
+    return clip.eval()
+
+
 class UnclipSystem:
     """Frozen parts and caches of a CLIP, prior or decoder run (see the module docstring)."""
 
@@ -214,7 +233,7 @@ def start_unclip_system(cfg: ExperimentConfig, dataset: Any, device: torch.devic
     unclip.clip_config, .text and .clip_fingerprint filled in). Resuming from `checkpoint`, a prior or decoder
     keeps the CLIP that checkpoint holds."""
     from ..conditioning.text import TextEncoder
-    from .checkpoint import check_fits, read_config, read_tensors
+    from .checkpoint import read_config
 
     if cfg.objective == "clip":
         assert cfg.condition is not None and cfg.condition.text is not None
@@ -232,13 +251,7 @@ def start_unclip_system(cfg: ExperimentConfig, dataset: Any, device: torch.devic
         saved = read_config(checkpoint).unclip
         if saved is None or saved.clip_config is None or saved.text is None:
             raise ValueError(f"{checkpoint}: its config has no unclip.clip_config; cannot resume this run")
-        clip = CLIP(saved.clip_config)
-        state = read_tensors(checkpoint / CLIP_FILE)
-        check_fits(clip, state, checkpoint / CLIP_FILE)
-        clip.load_state_dict(state)
-        if saved.clip_fingerprint is not None and clip_fingerprint(clip) != saved.clip_fingerprint:
-            raise ValueError(f"{checkpoint / CLIP_FILE}: its weights are not the CLIP this run was trained on "
-                             f"(fingerprint {clip_fingerprint(clip)} != {saved.clip_fingerprint}); cannot resume")
+        clip = frozen_clip(checkpoint, saved)
         text_cfg = saved.text
     else:
         clip, clip_run, _ = load_clip(uc.clip)
