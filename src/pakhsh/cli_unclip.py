@@ -41,11 +41,15 @@ def add_unclip_parser(sub: Any, positive_int: Callable[[str], int], nonneg_float
     p.add_argument("--decoder-guidance", type=nonneg_float, default=3.0, help="decoder guidance scale (default: 3)")
     p.add_argument("--prior-steps", type=positive_int, default=25, help="prior sampling steps (default: 25)")
     p.add_argument("--decoder-steps", type=positive_int, default=25, help="decoder sampling steps (default: 25)")
-    p.add_argument("--upsampler-steps", type=positive_int, default=25, help="upsampler sampling steps (default: 25)")
+    p.add_argument("--upsampler-steps", type=positive_int, default=50, help="upsampler sampling steps (default: 50)")
     p.add_argument("--candidates", type=positive_int, default=2,
                    help="prior samples per caption; the one closest to the caption's CLIP text embedding is kept "
                         "(the paper's choice: 2) (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="sampler of every stage (default: ddim)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim",
+                   help="sampler of the prior and the decoder (default: ddim)")
+    p.add_argument("--upsampler-sampler", choices=SAMPLER_NAMES, default="ddpm",
+                   help="sampler of the upsampler (default: ddpm, ancestral: DDIM leaves residual noise in its "
+                        "outputs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the grid (default: 2)")
@@ -119,7 +123,7 @@ def cmd_unclip(args: argparse.Namespace) -> int:
     from .pipelines.unclip import UnclipPipeline, UnclipSettings
 
     settings = UnclipSettings(args.prior_steps, args.prior_guidance, args.candidates, args.decoder_steps,
-                              args.decoder_guidance, args.upsampler_steps, args.sampler)
+                              args.decoder_guidance, args.upsampler_steps, args.sampler, args.upsampler_sampler)
     upsampler = None if args.upsampler == "none" else args.upsampler
     prior = args.prior if args.captions else None  # variations and interpolations start from images
     pipe = UnclipPipeline.from_pretrained(prior, args.decoder, upsampler, device=args.device)

@@ -37,8 +37,11 @@ class UnclipSettings:
     prior_candidates: int = 2  # the paper's trick: draw this many embeddings, keep the one nearest the caption
     decoder_steps: int = 25
     decoder_guidance: float = 3.0
-    upsampler_steps: int = 25
-    sampler: str = "ddim"
+    upsampler_steps: int = 50
+    sampler: str = "ddim"  # the prior's and the decoder's
+    # ancestral steps for the upsampler: DDIM leaves residual noise in this briefly trained model's outputs
+    # (32.1 dB PSNR at 25 steps against 35.5 dB for 50 ancestral steps on held-out scenes, docs/results/unclip.md)
+    upsampler_sampler: str = "ddpm"
 
     def __post_init__(self) -> None:
         flags = {"prior_candidates": "candidates"}  # the CLI's flag names, for the messages
@@ -49,8 +52,9 @@ class UnclipSettings:
         for name in ("prior_guidance", "decoder_guidance"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: must be >= 0")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        for sampler in (self.sampler, self.upsampler_sampler):
+            if sampler not in SAMPLERS:
+                raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
 
 
 def chain(diffusion: GaussianDiffusion, sampler: str, steps: int) -> GaussianDiffusion:
@@ -96,8 +100,8 @@ def decode_embeddings(net: Any, diffusion: GaussianDiffusion, image_embed: Tenso
 
 
 @torch.no_grad()
-def upsample_images(net: Any, diffusion: GaussianDiffusion, cfg: Any, low: Tensor, *, steps: int = 25,
-                    sampler: str = "ddim", seed: int = 0, first_index: int = 0) -> Tensor:
+def upsample_images(net: Any, diffusion: GaussianDiffusion, cfg: Any, low: Tensor, *, steps: int = 50,
+                    sampler: str = "ddpm", seed: int = 0, first_index: int = 0) -> Tensor:
     """A super-resolution model (config `cfg`, task superres): low-resolution images (N, C, h, w) in [-1, 1] ->
     (N, C, scale*h, scale*w), conditioned exactly as in training without the augmentation. Image i's noise comes
     from (seed + 1, first_index + i): another stream than the decoder's, which draws from (seed, i)."""
@@ -254,7 +258,8 @@ class UnclipPipeline:
             raise ValueError("no upsampler loaded")
         s = settings or UnclipSettings()
         return upsample_images(self.upsampler_net, self.upsampler_diffusion, self.upsampler.config, low,
-                               steps=s.upsampler_steps, sampler=s.sampler, seed=seed, first_index=first_index)
+                               steps=s.upsampler_steps, sampler=s.upsampler_sampler, seed=seed,
+                               first_index=first_index)
 
     def generate(self, captions: Sequence[str], settings: UnclipSettings | None = None, *, seed: int = 0,
                  upsample: bool = True, progress: bool = True, batch_size: int = 16) -> Tensor:
