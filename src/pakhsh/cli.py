@@ -21,6 +21,7 @@ from .cli_generate import (
     check_inpaint_args,
     check_reconstruct_args,
 )
+from .cli_dreambooth import add_dreambooth_parser, check_dreambooth_args
 from .cli_restore import add_restore_parser, check_restore_args
 from .cli_unclip import add_unclip_parser, check_unclip_args
 
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inpaint_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
     add_reconstruct_parser(sub, _positive_int)
     add_unclip_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
+    add_dreambooth_parser(sub, _positive_int, _nonneg_int, _float_in(0.0), _key_value)
     add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
                        _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
 
@@ -552,6 +554,12 @@ def _info_pakhsh(m: Any) -> None:
               f"{cfg.model.in_channels}x{cfg.model.image_size}x{cfg.model.image_size} of {cfg.latent.autoencoder} "
               f"(scale {cfg.latent.scale_factor:.5f})")
         print(f"conditions: {', '.join(conds) or 'none'} (`pakhsh generate -m {m.path.name} ...`)")
+        if (db := cfg.dreambooth) is not None:  # a DreamBooth fine-tune: what it learnt, on which base, how
+            how = f"LoRA rank {db.lora_rank}" if db.lora_rank is not None else "full fine-tuning"
+            how += " + the token's embedding" if db.train_token else ""
+            klass = f"\"{db.class_prompt}\"" if db.class_prompt is not None else "its prompts without the token"
+            print(f"dreambooth: \"{db.instance}\" on {db.base} (fingerprint {db.base_fingerprint}); {how}; prior "
+                  f"weight {db.prior_weight:g} on {db.class_images} class images of {klass}")
         return
     print(f"data:       {cfg.data.name} {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.out_channels}")
     if cfg.task is not None:  # Palette: what it restores, and how
@@ -625,6 +633,7 @@ _OUTPUTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "nll": (("--json", "json", False),),
     "eval": (("--json", "json", False), ("--markdown", "markdown", False)),
     "export": (("OUT", "out", True),),
+    "dreambooth": (("--out", "out", True),),
 }
 
 
@@ -663,6 +672,8 @@ def _check_before_work(args: argparse.Namespace) -> None:
     if args.command in latent_checks:
         latent_checks[args.command](args)
         _check_writable("--out", args.out, False)
+    if args.command == "dreambooth":  # the run folder is checked with the other outputs below
+        check_dreambooth_args(args)
     if args.command == "restore":
         check_restore_args(args)
         _check_writable("--out", args.out, Path(args.input).is_dir())

@@ -262,6 +262,7 @@ def test_caption_cache_is_reused_and_a_damaged_one_recomputed(system, tmp_path_f
 
     class NoEncoding:  # the same encoder, but encoding fails: the captions must come from the cache
         folder = sys_.text_encoder.folder
+        config = sys_.text_encoder.config
 
         def to(self, device):
             return self

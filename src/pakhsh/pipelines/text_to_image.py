@@ -97,6 +97,10 @@ class TextToImagePipeline:
         folder = resolve_model_path(path)
         if (folder / "model_index.json").is_file():
             return cls(load_sd_folder(folder), device, bf16, spacing)
+        from ..training.dreambooth import is_lora_folder, load_lora_model
+
+        if is_lora_folder(folder):  # DreamBooth LoRA adapters (RUN/lora): the base they name + the adapters
+            return cls(load_lora_model(folder), device, bf16, spacing)
         return cls(load_latent_model(folder, ema=ema), device, bf16, spacing)
 
     @property
@@ -179,6 +183,11 @@ class TextToImagePipeline:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         texts = _prompt_list(prompts, "prompts")
         n = len(texts)
+        if self.model.config is not None and self.model.config.dreambooth is not None:
+            from ..training.dreambooth import token_notice
+
+            if notice := token_notice(self.model.config, texts):  # the identifier names the subject
+                warnings.warn(notice, stacklevel=2)
         negatives = [""] * n if negative_prompt is None else _prompt_list(negative_prompt, "negative_prompt")
         if len(negatives) == 1:
             negatives *= n
@@ -341,6 +350,10 @@ def load_latent_model(path: str | Path, *, ema: bool = True) -> LatentDiffusionM
         from ..conditioning.text import TextEncoder
 
         text = TextEncoder(cfg.condition.text)
+        if cfg.dreambooth is not None:  # a DreamBooth model that learnt its identifier's input embedding
+            from ..training.dreambooth import with_learnt_token
+
+            text = with_learnt_token(text, cfg, loaded.model)
     m = cfg.model
     return LatentDiffusionModel(loaded.model, vae.eval(), text, cfg.diffusion, (m.image_size, m.image_size),
                                 clip_denoised=False, path=loaded.path, config=cfg)

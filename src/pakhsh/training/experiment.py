@@ -177,6 +177,81 @@ class UnclipConfig:
 
 
 @dataclass
+class DreamBoothConfig:
+    """DreamBooth (Ruiz et al. 2023): fine-tune a latent text-to-image `base` on a few images of one subject, named
+    by a rare identifier `token` beside its `class_noun` ("a sks star"), while images of the plain class that the
+    frozen base generated ("a star") are trained alongside with weight `prior_weight` (prior preservation), so the
+    class keeps its diversity and the class noun its meaning. See training/dreambooth.py."""
+
+    base: str = "t2i"  # the latent model the run starts from (its EMA weights): shipped name, run or checkpoint
+    token: str = "sks"  # the rare identifier; one word (the tokenizer may split it into pieces)
+    class_noun: str = "star"
+    instance_prompt: str | None = None  # subject images without a caption of their own; None: "a {token} {noun}"
+    # what the frozen base generates the class images from; None: each subject prompt without the token (the paper's
+    # "a [V] dog" -> "a dog"; captioned subjects keep their context: "a star at the top left on a gray background")
+    class_prompt: str | None = None
+    class_images: int = 100  # generated once and cached (0 with prior_weight 0: no prior preservation)
+    prior_weight: float = 1.0  # lambda in L = L_subject + lambda * L_prior
+    class_seed: int = 0  # class image i starts from noise seeded by (class_seed, i)
+    class_steps: int = 25  # DDIM steps of the class images
+    class_guidance: float = 3.0
+    lora_rank: int | None = None  # None: full fine-tuning of the UNet; r: LoRA adapters on its attention projections
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank; None: alpha = rank
+    # also learn the identifier's input embedding in the frozen text encoder (textual inversion: one vector per
+    # tokenizer piece of the token, starting from the pieces' own embeddings); BERT-style encoders (minilm)
+    train_token: bool = False
+    # filled when training starts: a hash of the base's weights (UNet + autoencoder) and the token's tokenizer pieces
+    base_fingerprint: str | None = None
+    token_pieces: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str) or not self.token.strip() or len(self.token.split()) != 1:
+            raise ValueError(f"dreambooth.token={self.token!r}: must be one word, e.g. sks")
+        if not isinstance(self.class_noun, str) or not self.class_noun.strip():
+            raise ValueError(f"dreambooth.class_noun={self.class_noun!r}: name the subject's class, e.g. star")
+        if self.token.lower() in self.class_noun.lower().split():
+            raise ValueError(f"dreambooth.token={self.token!r} is the class noun itself: pick a rare word, e.g. sks")
+        if not (isinstance(self.prior_weight, (int, float)) and 0 <= self.prior_weight < float("inf")):
+            raise ValueError(f"dreambooth.prior_weight={self.prior_weight!r}: must be a finite number >= 0")
+        if self.class_images < 0 or (self.prior_weight > 0 and self.class_images < 1):
+            raise ValueError(f"dreambooth.class_images={self.class_images}: prior preservation (prior_weight "
+                             f"{self.prior_weight:g}) needs >= 1 class image; set prior_weight=0 to train without")
+        if self.class_steps < 1 or not self.class_guidance >= 0:
+            raise ValueError("dreambooth.class_steps must be >= 1 and dreambooth.class_guidance >= 0")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"dreambooth.lora_rank={self.lora_rank}: must be >= 1 (or null: full fine-tuning)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"dreambooth.lora_alpha={self.lora_alpha!r}: must be > 0 (or null: the rank)")
+        if self.instance_prompt is not None and not has_word(self.instance_prompt, self.token):
+            raise ValueError(f"dreambooth.instance_prompt={self.instance_prompt!r} lacks the token {self.token!r}: "
+                             "the identifier is what the subject is learnt under")
+
+    @property
+    def instance(self) -> str:
+        return self.instance_prompt if self.instance_prompt is not None else f"a {self.token} {self.class_noun}"
+
+    def class_prompts(self, subject_prompts: list[str]) -> list[str]:
+        """The class images' prompts: `class_prompt`, or each distinct subject prompt with the token taken out."""
+        if self.class_prompt is not None:
+            return [self.class_prompt]
+        return list(dict.fromkeys(without_word(p, self.token) for p in subject_prompts))
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.prior_weight > 0
+
+
+def without_word(text: str, word: str) -> str:
+    """`text` with every whole-word `word` taken out: "a sks star at the top" -> "a star at the top"."""
+    return " ".join(re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", text, flags=re.IGNORECASE).split())
+
+
+def has_word(text: str, word: str) -> bool:
+    """`word` as a whole word of `text`, ignoring case ("a SKS star" has sks; "asks" does not)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one training run needs; saved as config.json beside every checkpoint."""
 
@@ -201,6 +276,7 @@ class ExperimentConfig:
     clip: CLIPConfig | None = None  # objective=clip: the net trained (model is unused)
     prior: PriorConfig | None = None  # objective=prior: the net trained (model is unused)
     unclip: UnclipConfig | None = None  # unCLIP prior and decoder: the frozen CLIP they read
+    dreambooth: DreamBoothConfig | None = None  # a latent text-to-image fine-tune on one subject (+ its class)
 
     def __post_init__(self) -> None:
         if self.name is None:
@@ -208,6 +284,8 @@ class ExperimentConfig:
         if self.train.out_dir is None:
             self.train.out_dir = f"runs/{self.name}"
         _check_unclip_sections(self)
+        if self.dreambooth is not None:
+            _check_dreambooth(self)
         if self.objective in ("clip", "prior"):
             return
         if self.objective == "autoencoder":
@@ -243,6 +321,10 @@ class ExperimentConfig:
     def is_unclip(self) -> bool:
         """A run on unCLIP's frozen parts (training/unclip.py): the CLIP itself, the prior or the decoder."""
         return self.objective in ("clip", "prior") or self.unclip is not None
+
+    @property
+    def is_dreambooth(self) -> bool:
+        return self.dreambooth is not None
 
     @property
     def trains_unet(self) -> bool:
@@ -291,6 +373,18 @@ def _check_unclip_sections(cfg: ExperimentConfig) -> None:
         if cfg.unclip.caption and m.context_dim is None:
             raise ValueError("unclip.caption=true needs cross-attention: set model.context_dim to the text "
                              "encoder's width (minilm: 384)")
+
+
+def _check_dreambooth(cfg: ExperimentConfig) -> None:
+    """DreamBooth fine-tunes a latent text-to-image model with the plain diffusion objective."""
+    if cfg.objective != "diffusion" or cfg.task is not None or cfg.unclip is not None:
+        raise ValueError("dreambooth: fine-tunes a text-to-image model: objective=diffusion, no task, no unclip")
+    if cfg.latent is None or cfg.condition is None or cfg.condition.text is None:
+        raise ValueError("dreambooth: needs a latent text-to-image model (latent and condition.text sections)")
+    if cfg.train.timestep_sampler != "uniform":
+        raise ValueError("dreambooth: train.timestep_sampler must be uniform (the class half draws its own t)")
+    if cfg.model.num_classes is not None:
+        raise ValueError("dreambooth: class-conditional latent models are not supported (model.num_classes)")
 
 
 def _check_condition_model(cond: ConditionConfig, model: UNetConfig) -> None:

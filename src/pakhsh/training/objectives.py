@@ -9,7 +9,9 @@
   text / map / layout conditions of training/latent.py;
 - unCLIP (training/unclip.py): the CLIP's symmetric contrastive loss (objective=clip); the prior's diffusion on
   CLIP image embeddings, predicting the clean embedding (objective=prior); the decoder's pixel diffusion
-  conditioned on the image embedding (an `unclip` section).
+  conditioned on the image embedding (an `unclip` section);
+- DreamBooth (a `dreambooth` section, training/dreambooth.py): the latent loss on subject images plus lambda
+  times the loss on the frozen base's class images, one item = one of each.
 
 Each returns LossTerms with per-sample (B,) terms; the trainer weights, averages and back-propagates them.
 """
@@ -56,6 +58,10 @@ def build_net(cfg: ExperimentConfig) -> nn.Module:
         from ..nets.prior import DiffusionPrior
 
         return DiffusionPrior(cfg.prior)
+    if cfg.dreambooth is not None:  # the base's UNet, with LoRA adapters when dreambooth.lora_rank is set
+        from .dreambooth import build_dreambooth_net
+
+        return build_dreambooth_net(cfg)
     from ..nets.unet import UNet
 
     return UNet(cfg.model)
@@ -67,6 +73,10 @@ def compute_losses(cfg: ExperimentConfig, model: Any, diffusion: GaussianDiffusi
     of a latent run)."""
     if cfg.is_unclip:
         return _unclip_losses(cfg, model, diffusion, batch, draws, system)
+    if cfg.dreambooth is not None:  # subject + lambda * class prior (training/dreambooth.py)
+        from .dreambooth import dreambooth_losses
+
+        return dreambooth_losses(cfg, model, diffusion, batch, draws, system)
     x0 = batch["image"].to(device, non_blocking=True)
     if cfg.is_autoencoder:
         from .autoencoder import autoencoder_losses

@@ -114,8 +114,15 @@ class Trainer:
         self._check_labels_fit()
         self._record_class_names()
         cfg = self.cfg
-        self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task, cfg))
-        self.system = self._latent_system(resume) if cfg.is_latent else None
+        if cfg.is_dreambooth:  # the base's frozen parts, subject and class images (training/dreambooth.py), which
+            from .dreambooth import start_dreambooth_system  # says what it trains on once the base is loaded
+
+            self.system, self.cfg = start_dreambooth_system(
+                cfg, self.dataset, self.acc.device, latest_checkpoint(self.out) if resume else None,
+                progress=self.progress and self.acc.is_main_process, out=self.out if self.acc.is_main_process else None)
+        else:
+            self.acc.print(describe_data(self.dataset, cfg.data, cfg.model.num_classes, cfg.task, cfg))
+            self.system = self._latent_system(resume) if cfg.is_latent else None
         if cfg.is_unclip:
             from .unclip import start_unclip_system
 
@@ -125,6 +132,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.net = build_net(cfg)
+        if hasattr(self.system, "init_net"):  # a fine-tune starts from its base's weights (DreamBooth)
+            self.system.init_net(self.net)
         self.ema = EMA(self.net, tc.ema_rates)
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
@@ -331,9 +340,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         tc = self.cfg.train
         world, rank = self.acc.num_processes, self.acc.process_index
-        sampler = GlobalBatchSampler(len(self.dataset), tc.batch_size, rank, world, tc.seed, self.step * tc.grad_accum)
-        workers = tc.num_workers if tc.num_workers is not None else auto_workers(self.acc.device, world)
         data = self.system.training_view(self.dataset) if self.system is not None else self.dataset
+        # the view's items are what batches draw from (DreamBooth's pair subject and class images)
+        sampler = GlobalBatchSampler(len(data), tc.batch_size, rank, world, tc.seed, self.step * tc.grad_accum)
+        workers = tc.num_workers if tc.num_workers is not None else auto_workers(self.acc.device, world)
         loader = make_loader(data, sampler, workers, self.acc.device)
         batches = iter(loader)
         if self.acc.is_main_process:
@@ -403,8 +413,8 @@ class Trainer:
             with ctx:
                 terms = self._micro_losses(batch, pos)
                 self.acc.backward(terms["loss"] / tc.grad_accum)
-            for k in totals:
-                totals[k] += terms[k].detach() / tc.grad_accum
+            for k in terms:  # loss, mse, vb and any parts the objective reports (DreamBooth: subject, prior)
+                totals[k] = totals.get(k, 0.0) + terms[k].detach() / tc.grad_accum
         # the logged numbers, the NaN verdict and the stop request (a signal on any process) are means over all
         # processes, so every rank agrees on them
         totals["stop"] = torch.tensor(float(self._stop_signal is not None or self._time_up))
@@ -463,7 +473,10 @@ class Trainer:
             all_t, all_vb = self.acc.gather((t, terms.vb.detach().float()))
             self.t_sampler.update(all_t.cpu(), all_vb.cpu())
         loss = (terms.loss.float() * weights).mean()
-        return {"loss": loss, "mse": terms.mse.detach().float().mean(), "vb": terms.vb.detach().float().mean()}
+        out = {"loss": loss, "mse": terms.mse.detach().float().mean(), "vb": terms.vb.detach().float().mean()}
+        for k, v in getattr(terms, "parts", {}).items():  # logged beside the loss (DreamBooth's two halves)
+            out[k] = v.detach().float().mean()
+        return out
 
     def _latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(C, h, w) of the autoencoder latents of images of this shape (latent and autoencoder runs)."""
@@ -543,7 +556,10 @@ class Trainer:
         self._previewed_step = self.step
         if not self.acc.is_main_process or self.cfg.train.num_preview < 1:
             return None
-        return save_preview(self, self.out / "samples" / f"step_{self.step:07d}.png")
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        if hasattr(self.system, "preview"):  # a system with its own grid (DreamBooth: subject and class rows)
+            return self.system.preview(self, path)
+        return save_preview(self, path)
 
     def _final_outputs(self) -> None:
         """The loss curve and a sample grid of the final weights, whatever log_every and sample_every are: every
