@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import GaussianDiffusion
-from ..nets.clip import CLIP, scale_embedding
+from ..nets.clip import scale_embedding
 from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
 from ..samplers.common import ImageGenerators
 from ..samplers.editing import slerp

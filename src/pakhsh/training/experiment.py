@@ -326,10 +326,6 @@ class ExperimentConfig:
     def is_dreambooth(self) -> bool:
         return self.dreambooth is not None
 
-    @property
-    def trains_unet(self) -> bool:
-        return self.objective not in ("autoencoder", "clip", "prior")
-
 
 def _check_unclip_sections(cfg: ExperimentConfig) -> None:
     """clip / prior / unclip sections appear exactly with the objectives that read them."""
@@ -343,7 +339,7 @@ def _check_unclip_sections(cfg: ExperimentConfig) -> None:
             raise ValueError("objective=clip reads captions only: set condition.segmap and condition.layout false")
         if cfg.task is not None or cfg.latent is not None or cfg.unclip is not None or cfg.prior is not None:
             raise ValueError("objective=clip trains the CLIP alone: remove task, latent, prior and unclip")
-        if cfg.clip.text_dim is not None and cfg.clip.max_text_tokens < cfg.condition.text.max_length:
+        if cfg.clip.max_text_tokens < cfg.condition.text.max_length:
             raise ValueError(f"clip.max_text_tokens={cfg.clip.max_text_tokens} < condition.text.max_length="
                              f"{cfg.condition.text.max_length}")
         return
