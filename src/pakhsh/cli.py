@@ -326,7 +326,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import Trainer
 
     cfg = _train_config(args)
-    result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
+    from .training.distributed import end_process_group
+
+    try:
+        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
+    finally:
+        end_process_group()
     # only the main process reports, and only a checkpoint that is on disk
     if result.checkpoint is not None and result.checkpoint.is_dir():
         if result.interrupted:

@@ -192,10 +192,14 @@ def dreambooth_run_config(args: argparse.Namespace) -> Any:
 
 def cmd_dreambooth(args: argparse.Namespace) -> int:
     from .training import Trainer
+    from .training.distributed import end_process_group
     from .training.dreambooth import save_lora
 
     cfg = dreambooth_run_config(args)
-    result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
+    try:
+        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
+    finally:
+        end_process_group()
     if result.checkpoint is None or not result.checkpoint.is_dir():
         return 128 + result.interrupted if result.interrupted else 0
     db = cfg.dreambooth

@@ -65,3 +65,13 @@ def make_accelerator(tc: TrainConfig, precision: str) -> Any:
         raise TrainingError(f"train.device={device} but accelerate chose {acc.device} (ACCELERATE_USE_CPU set, or "
                             "accelerate already initialised on CPU in this process)")
     return acc
+
+
+def end_process_group() -> None:
+    """Leave the process group of a several-process run once training is over. Left to interpreter exit, the
+    group's teardown can race its own threads and abort a rank ("terminate called without an active exception",
+    SIGABRT), failing a run that trained and saved correctly; torch asks for this call at the end of every script."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
