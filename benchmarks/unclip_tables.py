@@ -3,6 +3,7 @@
     python benchmarks/unclip_tables.py retrieval --num 1000    # the CLIP: retrieval R@1 / R@5 on held-out pairs
     python benchmarks/unclip_tables.py ablation --num 1000     # decoder conditioning (a) / (b) / (c): alignment,
                                                                # CLIP score, FID; + the whole pipeline at 64 px
+    python benchmarks/unclip_tables.py reference --num 1000    # the same measures on the real held-out images
     python benchmarks/unclip_tables.py variations --num 1000   # embedding round trip: attributes kept
     python benchmarks/unclip_tables.py upsampler --num 1000    # 32 -> 64 on real images vs bicubic
     python benchmarks/unclip_tables.py grids                   # captions, variations, interpolations
@@ -200,6 +201,26 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    """The ablation's measures on the real held-out images of its captions: how far the scorers themselves reach."""
+    out = Path(args.out)
+    pipe = _ClipOnly(args.clip)
+    held = heldout_prompts(args.num)
+    caps, targets = [p for p, _ in held], [a for _, a in held]
+    real_u8, _ = render_one_object("test", args.num, pipe.image_size)
+    real = real_u8.float() / 127.5 - 1
+    r = {"row": "real held-out images", **_scores(pipe, Scorer(out, args.ref_n, size=pipe.image_size), real, caps,
+                                                   targets)}
+    md = [f"The ablation's measures on the {args.num} real held-out {pipe.image_size}x{pipe.image_size} images of its "
+          "captions (what a perfect decoder would score).", "",
+          "| images | " + " | ".join(ATTRIBUTES) + " | mean | all five | CLIP score | FID (attr) | FID (shapes) |",
+          "|---" * (len(ATTRIBUTES) + 6) + "|",
+          f"| {r['row']} | " + " | ".join(f"{r[a]:.3f}" for a in ATTRIBUTES)
+          + f" | {r['mean']:.3f} | {r['all']:.3f} | {r['clip_score']:.1f} | {r['fid_attr']:.1f} | {r['fid_shapes']:.2f} |"]
+    _write(out, "reference", {"num": args.num, "machine": _machine(), "row": r}, "\n".join(md) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- variations
 def cmd_variations(args: argparse.Namespace) -> int:
     """Encode held-out images, decode one variation each (no caption): does the embedding carry the attributes?"""
@@ -337,13 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     a.add_argument("--with-upsampler", action="store_true", help="also row (c) through the upsampler at 64x64")
     sub.add_parser("variations", parents=[common])
+    f = sub.add_parser("reference", parents=[common])
+    f.add_argument("--clip", default="unclip_clip", help="shipped CLIP, CLIP run or checkpoint")
     u = sub.add_parser("upsampler", parents=[common])
     u.add_argument("--samplers", nargs="+", default=["ddpm:50", "ddim:25", "dpm++2m:20"], help="SAMPLER:STEPS each")
     g = sub.add_parser("grids", parents=[common])
     g.add_argument("--seeds", type=int, default=6)
     g.add_argument("--between", type=int, default=8)
     args = p.parse_args(argv)
-    return {"retrieval": cmd_retrieval, "ablation": cmd_ablation, "variations": cmd_variations,
+    return {"retrieval": cmd_retrieval, "ablation": cmd_ablation, "reference": cmd_reference,
+            "variations": cmd_variations,
             "upsampler": cmd_upsampler, "grids": cmd_grids}[args.cmd](args)
 
 
