@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.test_autoencoder_training import session_cache, shared_run, train
+from tests.training.test_autoencoder_training import shared_run, train
+from tests.training.test_latent_training import _caption_cache  # noqa: F401 (re-exported: captions in the session cache)
 
 COMMON = ["data.length=16", "data.image_size=16", "train.device=cpu", "train.mixed_precision=no",
           "train.log_every=1", "train.warmup_steps=1", "train.sample_every=0", "train.num_preview=2",
@@ -110,14 +111,6 @@ def jitter(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
 def _one_thread() -> None:
     """One torch thread (after conftest's two): the CPU is shared, and runs compared bit for bit use one."""
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _caption_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Encoded captions go to the session's temp folder, not the user's ~/.cache/pakhsh."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAKHSH_CACHE", str(session_cache(tmp_path_factory)))
-        yield
 
 
 @pytest.fixture(scope="module")

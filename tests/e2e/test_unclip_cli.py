@@ -21,6 +21,7 @@ from pakhsh.pipelines.unclip import UnclipPipeline, UnclipSettings
 from pakhsh.training.ema import rate_name
 from pakhsh.training.unclip import CLIP_FILE
 from tests.conftest import run_cli
+from tests.e2e.test_latent_cli import grid, grid_shape, tile, to_uint8  # the same 16 px grids
 from tests.unclip_fixtures import (  # noqa: F401 (fixtures: pytest finds them by name here)
     SIZE,
     _caption_cache,
@@ -33,7 +34,6 @@ from tests.unclip_fixtures import (  # noqa: F401 (fixtures: pytest finds them b
     prior_run,
 )
 
-PAD = 2  # save_grid's padding
 EMA_FILE = f"{rate_name(0.999)}.safetensors"
 STEPS = ["--prior-steps", "2", "--decoder-steps", "2"]
 # the CLI's settings with the steps above (its defaults otherwise: guidance 2 / 3, 2 candidates, DDIM)
@@ -75,24 +75,6 @@ def scenes() -> list[torch.Tensor]:
 
 def cli(*args: str) -> int:
     return main(["--threads", "1", *args])
-
-
-def grid(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
-def tile(g: np.ndarray, row: int, col: int) -> np.ndarray:
-    top, left = PAD + row * (SIZE + PAD), PAD + col * (SIZE + PAD)
-    return g[top:top + SIZE, left:left + SIZE]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) as the grid stores it."""
-    return ((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
-
-
-def grid_shape(rows: int, cols: int, scale: int = 1) -> tuple[int, int, int]:
-    return ((rows * (SIZE + PAD) + PAD) * scale, (cols * (SIZE + PAD) + PAD) * scale, 3)
 
 
 def same(a: np.ndarray, b: np.ndarray, tol: int = 1) -> bool:

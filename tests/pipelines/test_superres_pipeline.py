@@ -4,9 +4,6 @@ outputs are at the model's size, the task is inferred from the model, and wrong 
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from pakhsh.pipelines import SampleSettings
 from pakhsh.pipelines.palette import PalettePipeline
 from pakhsh.tasks import area_downsample, superres_condition
 from tests.conftest import run_cli
+from tests.e2e.test_restore_cli import notices_on_stderr  # warnings as the CLI prints them
 from tests.pipelines.test_palette_pipeline import palette_run
 
 SIZE, SCALE, LOW = 16, 2, 8
@@ -142,17 +140,6 @@ def _read(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-@contextlib.contextmanager
-def _notices_on_stderr():
-    def show(message, category, filename, lineno, file=None, line=None):
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        yield
-
-
 def test_restore_a_low_res_file_task_from_the_model(run, full, tmp_path, capsys) -> None:
     low = area_downsample(full[:1], SCALE)[0]
     src = _png(tmp_path / "low.png", low)
@@ -182,7 +169,7 @@ def test_restore_a_folder_and_a_dataset_image(run, full, tmp_path, capsys) -> No
 
 def test_a_full_size_file_is_shrunk_with_a_notice(run, full, tmp_path, capsys) -> None:
     src = _png(tmp_path / "big.png", full[0])
-    with _notices_on_stderr():
+    with notices_on_stderr():
         code = main(["restore", str(src), "-m", str(run), "--steps", "1", "-q", "--scale", "1",
                      "-o", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
@@ -201,7 +188,7 @@ def test_restore_errors(run, tmp_path_factory, tmp_path, capsys) -> None:
     assert f"{multi} is a multi-task model (colorize, inpaint, uncrop, jpeg): choose one with --task" in err
     code, err = run_cli(["restore", str(src), "--task", "superres", "-m", multi, "--steps", "1", "-q"], capsys)
     assert code == 2 and "trained for multi, not superres" in err
-    with _notices_on_stderr():
+    with notices_on_stderr():
         code, err = run_cli(["restore", str(src), "--task", "colorize", "--blur", "1", "-m", str(run), "-q"], capsys)
     assert code == 2 and "--blur is for --task superres; ignored for --task colorize" in err
     assert "trained for superres, not colorize" in err
