@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from pakhsh.cli import choose_threads
+from pakhsh.threads import choose_threads
 from pakhsh.pipelines import ImagePipeline, SampleSettings
 
 

@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 
 import pakhsh
 import pakhsh.cli as cli
-from pakhsh.cli import choose_threads, main
+from pakhsh.cli import main
 from pakhsh.config import from_dict, to_dict
 from pakhsh.nets.unet import UNet
 from pakhsh.pipelines import ImagePipeline, SampleSettings
+from pakhsh.threads import MAX_AUTO_THREADS, choose_threads
 from pakhsh.training.experiment import ExperimentConfig
 from tests.conftest import tiny_experiment
 
@@ -230,7 +231,7 @@ def test_thread_choice(monkeypatch) -> None:
     assert choose_threads(None, {"OMP_NUM_THREADS": "1"}, load=0.0) == (1, "OMP_NUM_THREADS")
     auto, why = choose_threads(None, {}, load=0.0, cores=8)  # an idle machine: every usable core
     assert auto == 8 and "8 usable core" in why
-    assert choose_threads(None, {}, load=0.0, cores=64)[0] == cli.MAX_AUTO_THREADS  # capped
+    assert choose_threads(None, {}, load=0.0, cores=64)[0] == MAX_AUTO_THREADS  # capped
     assert choose_threads(None, {}, load=4.0, cores=8)[0] == 4  # half the machine busy: half the cores
     assert choose_threads(None, {}, load=20.0, cores=8)[0] == 1  # all busy: one thread, never zero
     auto, _ = choose_threads(None, {}, load=0.0)  # this process: affinity mask and cgroup quota

@@ -24,22 +24,16 @@ from pakhsh.diffusion import training_losses
 from pakhsh.training import Trainer
 from pakhsh.training.checkpoint import load_model, read_config
 from pakhsh.training.dreambooth import (
-    LORA_FILE,
     DreamBoothError,
     class_images,
     dreambooth_config,
     dreambooth_losses,
-    inject_lora,
-    is_lora_key,
     load_base_unet,
     load_lora,
-    lora_from_diffusers,
-    lora_to_diffusers,
-    lora_weights,
-    set_lora_weights,
     token_notice,
 )
 from pakhsh.training.experiment import DreamBoothConfig
+from pakhsh.training.lora import LORA_FILE, is_lora_key
 from pakhsh.training.loader import GlobalBatchSampler, make_loader
 from pakhsh.training.objectives import Draws
 from tests.conftest import run_cli
@@ -327,47 +321,6 @@ def test_lora_refuses_another_base(lora_run: Path, tmp_path: Path, capsys) -> No
         load_lora(lora_run / "lora", base=str(lora_run.parent / "t2i" / "checkpoints" / "step_0000002"))
 
 
-def test_our_lora_layout_is_what_diffusers_loads(tmp_path: Path) -> None:
-    """A tiny diffusers StableDiffusionPipeline and our UNet with its UNet's weights; random adapters on ours, written
-    in diffusers' layout as `save_lora` writes them and read by diffusers' own `load_lora_weights(folder)`: the two
-    UNets agree, and reading the file back into ours gives the same adapters."""
-    pytest.importorskip("diffusers")
-    from safetensors.torch import save_file
-
-    from pakhsh.interop.stable_diffusion import unet_config_from_diffusers, unet_state_from_diffusers
-    from pakhsh.nets.unet import UNet
-    from tests.interop.test_stable_diffusion import SD_DDIM, _pipeline
-
-    pipe = _pipeline(SD_DDIM)
-    cfg, problems = unet_config_from_diffusers(dict(pipe.unet.config))
-    ours = UNet(cfg)
-    state, problems = unet_state_from_diffusers(ours, pipe.unet.state_dict())
-    assert problems == []
-    ours.load_state_dict(state)
-    inject_lora(ours, 3, alpha=6.0)  # scale 2: folded into B on export
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for k, v in ours.state_dict().items():
-            if is_lora_key(k):
-                v.copy_(0.1 * torch.randn(v.shape, generator=g))
-    exported = lora_to_diffusers(ours, lora_weights(ours))
-    save_file(exported, str(tmp_path / LORA_FILE))
-    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g), torch.tensor([5, 700])
-    with torch.no_grad():
-        before = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-        pipe.load_lora_weights(str(tmp_path))
-        mine, theirs = ours.eval()(x, t, context=ctx), pipe.unet(x, t, encoder_hidden_states=ctx).sample
-    assert (mine - theirs).abs().max() < 1e-4  # measured 1.3e-6
-    assert (mine - before).abs().max() > 1e-2  # the adapters do something
-    back = lora_from_diffusers(ours, exported)  # and back: diffusers' layout -> ours gives the same adapters
-    fresh = UNet(cfg)
-    fresh.load_state_dict(state)
-    inject_lora(fresh, 3)
-    set_lora_weights(fresh, back)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(x, t, context=ctx), mine, rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------------------------ token, prompts
 def test_captions_without_the_token_are_refused(base: Path, subject: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "subject"
@@ -455,7 +408,7 @@ def test_dreambooth_section_needs_a_latent_text_model(base: Path, subject: Path,
 # ------------------------------------------------------------------------------------------------ --train-token
 def test_learnt_token_starts_as_the_frozen_encoding_and_gets_gradients(base: Path, subject: Path,
                                                                         tmp_path: Path) -> None:
-    from pakhsh.training.dreambooth import TokenTextEncoder, piece_ids
+    from pakhsh.training.learnt_token import TokenTextEncoder, piece_ids
 
     t = Trainer(config(base, subject, tmp_path / "run", "dreambooth.train_token=true"), progress=False)
     t.lock.release()
@@ -480,7 +433,7 @@ def test_learnt_token_starts_as_the_frozen_encoding_and_gets_gradients(base: Pat
 
 def test_a_learnt_token_is_what_generation_uses(lora_run: Path) -> None:
     from pakhsh.pipelines.text_to_image import TextToImagePipeline
-    from pakhsh.training.dreambooth import TokenTextEncoder
+    from pakhsh.training.learnt_token import TokenTextEncoder
 
     for spec in (lora_run, lora_run / "lora"):
         pipe = TextToImagePipeline.from_pretrained(spec, device="cpu")

@@ -351,7 +351,7 @@ def load_latent_model(path: str | Path, *, ema: bool = True) -> LatentDiffusionM
 
         text = TextEncoder(cfg.condition.text)
         if cfg.dreambooth is not None:  # a DreamBooth model that learnt its identifier's input embedding
-            from ..training.dreambooth import with_learnt_token
+            from ..training.learnt_token import with_learnt_token
 
             text = with_learnt_token(text, cfg, loaded.model)
     m = cfg.model

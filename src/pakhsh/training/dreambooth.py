@@ -23,11 +23,9 @@ looks like and what the class noun means (prior preservation):
   half takes the trainer's t, the class half t' = floor(u * T) from the item's third uniform draw, so both halves
   have independent uniform steps and resume stays exact. Segmentation map and layout (the base may take them) get
   their nulls: subject photos come without either;
-- LoRA (Hu et al. 2021) through `peft`: rank-r adapters on every attention projection of the UNet's transformer
-  blocks (self-attention qkv and output, cross-attention q, kv and output), the rest frozen. A LoRA run's
-  checkpoints hold the whole net (base + adapters, so they load and resume like any run); `save_lora` writes the
-  adapters alone in diffusers' layout (`pytorch_lora_weights.safetensors`, keys `unet.<diffusers module>.lora_A/B`,
-  our fused q/k/v projections split into to_q / to_k / to_v) beside `adapter_config.json` and
+- LoRA (Hu et al. 2021, `training/lora.py`): rank-r adapters on every attention projection of the UNet, the
+  rest frozen. A LoRA run's checkpoints hold the whole net (base + adapters, so they load and resume like any
+  run); `save_lora` writes the adapters alone in diffusers' layout beside `adapter_config.json` and
   `pakhsh_lora.json` (which base they belong to); `load_lora` puts them into a fresh base.
 
 The text encoder's weights stay frozen. By default the identifier reaches the UNet through the frozen encoder's
@@ -36,7 +34,8 @@ dreambooth.train_token the pieces' input embeddings are learnt as well (textual 
 DreamBooth, as the paper's text-encoder fine-tuning adapts the encoder): one vector per piece, starting from the
 vocabulary's rows (so the run starts at the base exactly), kept as the UNet's `dreambooth_token` weight so the
 trainer's optimizer, EMA, checkpoints and resume carry it; subject prompts then go through the encoder every step
-(with gradients into those vectors only), and `TokenTextEncoder` feeds them at generation time.
+(with gradients into those vectors only), and `TokenTextEncoder` feeds them at generation time
+(`training/learnt_token.py`).
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import replace
@@ -58,19 +56,22 @@ from torch import Tensor, nn
 from ..diffusion import GaussianDiffusion, training_losses
 from ..diffusion.losses import LossTerms
 from .experiment import DreamBoothConfig, ExperimentConfig, has_word
+from .learnt_token import TOKEN_PARAM, encode_with_token, piece_ids, token_pieces, with_learnt_token
+from .lora import (
+    LORA_FILE,
+    base_key,
+    inject_lora,
+    is_lora_key,
+    lora_from_diffusers,
+    lora_to_diffusers,
+    lora_weights,
+    set_lora_weights,
+)
 
 CHUNK = 64  # images / prompts per encoder call while encoding (fixed: cached values depend on it)
-LORA_TARGETS = r".*\.blocks\.\d+\.attn[12]\.(qkv|q|kv|out)"  # peft regex over our UNet's module names
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights reads
-ADAPTER_CONFIG = "adapter_config.json"
 PAKHSH_LORA = "pakhsh_lora.json"
 LORA_FOLDER = "lora"  # a LoRA run writes its adapters to RUN/lora when it ends
-TOKEN_PARAM = "dreambooth_token"  # the learnt input embedding of the identifier's pieces (dreambooth.train_token)
 TOKEN_FILE = "token_embedding.safetensors"  # ... beside the adapters of a LoRA folder
-# our attention projections -> diffusers' (a fused projection becomes several)
-_DIFFUSERS_PROJ = {"attn1.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "attn1.out": ("attn1.to_out.0",),
-                   "attn2.q": ("attn2.to_q",), "attn2.kv": ("attn2.to_k", "attn2.to_v"),
-                   "attn2.out": ("attn2.to_out.0",)}
 
 
 class DreamBoothError(ValueError):
@@ -144,19 +145,6 @@ def _autoencoder(cfg: ExperimentConfig, folder: Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-def inject_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
-    """Add rank-r LoRA adapters (peft) to every attention projection of the UNet's transformer blocks, in place;
-    only the adapters stay trainable. B starts at zero, so the net computes what it computed before."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if not any(re.fullmatch(LORA_TARGETS, n) for n, _ in unet.named_modules()):
-        raise DreamBoothError("dreambooth.lora_rank: the UNet has no transformer blocks to put adapters on "
-                              "(model.context_dim is null)")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS,
-                        lora_dropout=0.0, bias="none")
-    return inject_adapter_in_model(config, unet)
-
-
 def build_dreambooth_net(cfg: ExperimentConfig) -> nn.Module:
     """The net of a DreamBooth run: the base's UNet, with LoRA adapters when dreambooth.lora_rank is set, and with
     dreambooth.train_token one more parameter, `dreambooth_token` (pieces, width): the identifier's learnt input
@@ -175,15 +163,6 @@ def build_dreambooth_net(cfg: ExperimentConfig) -> nn.Module:
     return net
 
 
-def _base_key(key: str) -> str:
-    """A (LoRA-wrapped) net's key -> the plain UNet's key: `x.qkv.base_layer.weight` -> `x.qkv.weight`."""
-    return key.replace(".base_layer.", ".")
-
-
-def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def is_own_key(key: str) -> bool:
     """A weight a DreamBooth net has and its base has not: LoRA adapters, the learnt token embedding."""
     return is_lora_key(key) or key == TOKEN_PARAM
@@ -192,7 +171,7 @@ def is_own_key(key: str) -> bool:
 def load_base_into(net: nn.Module, base: dict[str, Tensor]) -> None:
     """Copy the base UNet's weights into `net` (plain or LoRA-wrapped); the adapters keep their initial values."""
     own = net.state_dict()
-    wanted = {k: _base_key(k) for k in own if not is_own_key(k)}
+    wanted = {k: base_key(k) for k in own if not is_own_key(k)}
     missing = sorted(v for v in wanted.values() if v not in base)
     extra = sorted(set(base) - set(wanted.values()))
     if missing or extra:
@@ -201,110 +180,6 @@ def load_base_into(net: nn.Module, base: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for k, b in wanted.items():
             own[k].copy_(base[b])
-
-
-def lora_weights(net: nn.Module) -> dict[str, Tensor]:
-    """The adapters of a LoRA-wrapped UNet under our module names: `<module>.lora_A.weight` (r, in) and
-    `<module>.lora_B.weight` (out, r), with the scale alpha / r folded into B (so the delta is B @ A)."""
-    scales: dict[str, float] = {}
-    for name, module in net.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and "default" in scaling:
-            scales[name] = float(scaling["default"])
-    out = {}
-    for key, value in net.state_dict().items():
-        if not is_lora_key(key):
-            continue
-        module, rest = key.split(".lora_", 1)
-        which = rest.split(".", 1)[0]  # A or B
-        v = value.detach().float().cpu()
-        out[f"{module}.lora_{which}.weight"] = v * scales[module] if which == "B" else v.clone()
-    if not out:
-        raise DreamBoothError("this net has no LoRA adapters")
-    return out
-
-
-def _attention_prefixes(unet: nn.Module) -> dict[str, str]:
-    """Our SpatialTransformer prefixes (`down.1.1`) -> diffusers' (`down_blocks.0.attentions.0`)."""
-    from ..interop.diffusers import _diffusers_prefix
-    from ..interop.unet_layout import walk_unet
-
-    return {b.ours: _diffusers_prefix(b) for b in walk_unet(unet) if b.role == "attn"}
-
-
-_OUR_LORA_KEY = re.compile(r"(?P<block>.+)\.blocks\.(?P<i>\d+)\.(?P<proj>attn[12]\.(?:qkv|q|kv|out))\.lora_(?P<ab>[AB])"
-                           r"\.weight")
-
-
-def lora_to_diffusers(unet: nn.Module, lora: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our adapters (`lora_weights`) -> diffusers' UNet2DConditionModel LoRA state dict (prefix `unet.`). A fused
-    projection's adapter (A, B) becomes one per part, each with the same A and its rows of B: the same delta."""
-    prefixes = _attention_prefixes(unet)
-    out: dict[str, Tensor] = {}
-    for key, value in lora.items():
-        m = _OUR_LORA_KEY.fullmatch(key)
-        if m is None or m["block"] not in prefixes:
-            raise DreamBoothError(f"LoRA key {key!r} is not an adapter on an attention projection of this UNet")
-        parts = _DIFFUSERS_PROJ[m["proj"]]
-        pieces = value.chunk(len(parts), 0) if m["ab"] == "B" else [value] * len(parts)
-        for part, piece in zip(parts, pieces):
-            name = f"unet.{prefixes[m['block']]}.transformer_blocks.{m['i']}.{part}.lora_{m['ab']}.weight"
-            out[name] = piece.contiguous().clone()
-    return out
-
-
-def lora_from_diffusers(unet: nn.Module, state: dict[str, Tensor], where: str = LORA_FILE) -> dict[str, Tensor]:
-    """The inverse of `lora_to_diffusers`. The parts of one fused projection must share A (as our export writes
-    them); adapters trained in diffusers with separate A's per part do not fit a fused projection at this rank."""
-    back = {v: k for k, v in _attention_prefixes(unet).items()}
-    key_re = re.compile(r"unet\.(?P<block>.+)\.transformer_blocks\.(?P<i>\d+)\.(?P<part>attn[12]\.(?:to_q|to_k|to_v|"
-                        r"to_out\.0))\.lora_(?P<ab>[AB])\.weight")
-    groups: dict[tuple[str, str, str], dict[str, Tensor]] = {}
-    for key, value in state.items():
-        m = key_re.fullmatch(key)
-        if m is None or m["block"] not in back:
-            raise DreamBoothError(f"{where}: {key!r} is not a LoRA weight of an attention projection of this UNet")
-        proj = next(p for p, parts in _DIFFUSERS_PROJ.items() if m["part"] in parts)
-        groups.setdefault((f"{back[m['block']]}.blocks.{m['i']}.{proj}", proj, m["ab"]), {})[m["part"]] = value
-    out: dict[str, Tensor] = {}
-    for (module, proj, ab), found in groups.items():
-        parts = _DIFFUSERS_PROJ[proj]
-        lacking = [p for p in parts if p not in found]
-        if lacking:
-            raise DreamBoothError(f"{where}: {module}: lacks the LoRA {ab} of {lacking[0]}")
-        if ab == "B":
-            out[f"{module}.lora_B.weight"] = torch.cat([found[p] for p in parts], 0)
-        else:
-            first = found[parts[0]]
-            if any(not torch.equal(found[p], first) for p in parts[1:]):
-                raise DreamBoothError(f"{where}: {module}: the LoRA A of {', '.join(parts)} differ; a fused "
-                                      "projection takes one A (export adapters with pakhsh)")
-            out[f"{module}.lora_A.weight"] = first
-    return out
-
-
-def set_lora_weights(net: nn.Module, lora: dict[str, Tensor], where: str = LORA_FILE) -> None:
-    """Load `lora_weights`-style adapters (scale folded into B) into a LoRA-wrapped net of the same rank."""
-    own = net.state_dict()
-    scales = {name: float(m.scaling["default"]) for name, m in net.named_modules()
-              if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
-    targets = {}
-    for key in own:
-        if is_lora_key(key):
-            module, rest = key.split(".lora_", 1)
-            targets[f"{module}.lora_{rest.split('.', 1)[0]}.weight"] = key
-    missing, extra = sorted(set(targets) - set(lora)), sorted(set(lora) - set(targets))
-    if missing or extra:
-        raise DreamBoothError(f"{where}: the adapters do not fit the net: missing {missing[:2]}, unexpected "
-                              f"{extra[:2]}")
-    with torch.no_grad():
-        for ours, key in targets.items():
-            value = lora[ours]
-            if value.shape != own[key].shape:
-                raise DreamBoothError(f"{where}: {ours} is {tuple(value.shape)}, the net's is {tuple(own[key].shape)} "
-                                      "(another rank?)")
-            module = key.split(".lora_", 1)[0]
-            own[key].copy_(value / scales[module] if ".lora_B." in key else value)
 
 
 def save_lora(run: str | Path, out: str | Path | None = None, *, ema: bool = True) -> Path:
@@ -403,91 +278,12 @@ def load_lora_model(folder: str | Path, base: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- the token embedding
-def piece_ids(text_encoder: Any, db: DreamBoothConfig) -> list[int]:
-    """The vocabulary ids of the identifier's tokenizer pieces."""
-    return [int(i) for i in text_encoder.tokenizer.convert_tokens_to_ids(token_pieces(text_encoder.tokenizer,
-                                                                                      db.token))]
-
-
 def check_token_encoder(text_encoder: Any) -> None:
     """Learning the token's input embedding feeds the encoder embeddings instead of ids: BERT-style, last layer."""
     if getattr(text_encoder, "kind", None) != "bert" or text_encoder.config.layer != "last":
         raise DreamBoothError(f"dreambooth.train_token: supported for BERT-style text encoders read at their last "
                               f"layer (minilm), not {text_encoder.config.name_or_path} "
                               f"({getattr(text_encoder, 'kind', '?')}, layer {text_encoder.config.layer})")
-
-
-def encode_with_token(text_encoder: Any, prompts: list[str], ids: list[int], embeds: Tensor) -> tuple[Tensor, Tensor]:
-    """Prompts through the frozen encoder with every occurrence of the identifier's pieces `ids` (in order) fed the
-    learnt input embeddings `embeds` (pieces, width) instead of the vocabulary's: (tokens (B, L, D), mask (B, L)),
-    differentiable in `embeds`. With `embeds` equal to the vocabulary rows this is the encoder's own encoding."""
-    L = text_encoder.max_length
-    batch = text_encoder.tokenizer(prompts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")
-    device = embeds.device
-    tok = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device).bool()
-    p = len(ids)
-    hit = torch.zeros(tok.shape, dtype=torch.bool, device=device)
-    which = torch.zeros(tok.shape, dtype=torch.long, device=device)
-    want = torch.tensor(ids, device=device)
-    for j in range(tok.shape[1] - p + 1):  # every start where the pieces follow each other
-        at = (tok[:, j:j + p] == want).all(1)
-        for k in range(p):
-            hit[:, j + k] |= at
-            which[:, j + k] = torch.where(at, k, which[:, j + k])
-    model = text_encoder.model
-    words = model.get_input_embeddings()(tok)
-    words = torch.where(hit[..., None], embeds.to(words.dtype)[which], words)
-    states = model(inputs_embeds=words, attention_mask=mask.long()).last_hidden_state
-    return states.float() * mask.unsqueeze(-1), mask
-
-
-class TokenTextEncoder(nn.Module):
-    """The frozen text encoder with the identifier's learnt input embedding (the `dreambooth_token` weight of
-    `owner`, read at every call, so it follows the net's device and weights): what a train_token model generates
-    with. `encode` as TextEncoder's."""
-
-    def __init__(self, text_encoder: Any, ids: list[int], owner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.ids = text_encoder, ids
-        object.__setattr__(self, "_owner", owner)  # not a submodule: the net is moved and saved on its own
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.inner.tokenizer
-
-    @property
-    def config(self) -> Any:
-        return self.inner.config
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    @property
-    def max_length(self) -> int:
-        return self.inner.max_length
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def encode(self, prompts: list[str]) -> Any:
-        from ..conditioning.text import TextEmbedding
-
-        emb = self.inner.encode(prompts)  # the checks, the truncation flags; replaced where the token occurs
-        with torch.no_grad():
-            embeds = getattr(self._owner, TOKEN_PARAM).detach().to(self.inner.device)
-            tokens, mask = encode_with_token(self.inner, list(prompts), self.ids, embeds)
-        return TextEmbedding(tokens=tokens, mask=mask, truncated=emb.truncated)
-
-
-def with_learnt_token(text_encoder: Any, cfg: ExperimentConfig, net: nn.Module) -> Any:
-    """The text encoder a DreamBooth model generates with: wrapped when it learnt its token's embedding."""
-    db = cfg.dreambooth
-    if db is None or not db.train_token:
-        return text_encoder
-    return TokenTextEncoder(text_encoder, piece_ids(text_encoder, db), net)
 
 
 # ---------------------------------------------------------------------------------------------- the config
@@ -541,11 +337,6 @@ def check_token(db: DreamBoothConfig, base_cfg: ExperimentConfig) -> None:
     if base_cfg.data.name == "shapes" and db.token.lower() in _shapes_words():
         raise DreamBoothError(f"--token {db.token}: the base was trained on captions using that word; pick a rare "
                               "word it never saw, e.g. sks")
-
-
-def token_pieces(tokenizer: Any, token: str) -> list[str]:
-    """What the text encoder's tokenizer makes of the identifier (MiniLM: "sks" -> ["sk", "##s"])."""
-    return [str(p) for p in tokenizer.tokenize(token)]
 
 
 def subject_prompts(dataset: Any, db: DreamBoothConfig, root: str | None = None) -> list[str]:
