@@ -3,6 +3,7 @@
 # eval -> export -> info, then Palette (train multi-task + regression -> restore every task, every sampler), then
 # latent diffusion (autoencoder -> reconstruct -> text/map/layout model -> generate with every sampler -> inpaint),
 # then unCLIP (CLIP -> prior, decoder, upsampler -> resume -> unclip captions / variations / interpolations),
+# then DreamBooth (demo subject: full -> resume, LoRA + learnt token -> generate),
 # in fp32 and bf16, on a GPU. Run it on a CUDA machine whenever training or sampling
 # code changed:
 #     bash scripts/cuda_smoke.sh [WORKDIR]          (DEVICE=cpu bash scripts/cuda_smoke.sh for a dry run)
@@ -96,6 +97,18 @@ for prec in no bf16; do
       --decoder-steps 5 --upsampler-steps 5 -n 2 -o "$W/uv_$prec.png" -q
   run "unclip_interpolate_$prec" "${PK[@]}" unclip --interpolate data:0 data:1 --decoder "$D" --upsampler none \
       --device "$DEVICE" --decoder-steps 5 -n 3 -o "$W/ui_$prec.png" -q
+done
+# DreamBooth: the demo subject on the shipped t2i, full fine-tuning -> resume, LoRA with a learnt token -> generate
+for prec in no bf16; do
+  B="$W/db_$prec"; FLAG=(); [ "$prec" = bf16 ] && FLAG=(--bf16)
+  M=(--class-images 4 --set "train.mixed_precision=$prec" --set "train.device=$DEVICE" --set dreambooth.class_steps=10)
+  run "dreambooth_train_$prec" "${PK[@]}" dreambooth --subject demo --out "$B" --steps 10 "${M[@]}" -q
+  run "dreambooth_resume_$prec" "${PK[@]}" dreambooth --subject demo --out "$B" --steps 20 "${M[@]}" --resume -q
+  run "dreambooth_lora_$prec" "${PK[@]}" dreambooth --subject demo --out "$B.lora" --steps 10 --lora 4 --train-token "${M[@]}" -q
+  for m in "$B" "$B.lora/lora"; do
+    run "dreambooth_generate_${prec}_$(basename "$m")" "${PK[@]}" generate "a sks star at the bottom right on a red background" \
+        -m "$m" --device "$DEVICE" "${FLAG[@]}" --steps 10 -n 2 -o "$W/db_${prec}_$(basename "$m").png" -q
+  done
 done
 run "unclip_shipped" "${PK[@]}" unclip "a small blue star at the center on a white background" --device "$DEVICE" -o "$W/unclip.png" -q
 run "generate_shipped" "${PK[@]}" generate "a small green square in the center on a white background" --device "$DEVICE" -o "$W/t2i.png" -q
