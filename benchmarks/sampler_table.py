@@ -5,6 +5,8 @@
 
 Every row samples `--num` images with one seed (the same starting noise for every sampler) and scores them
 with `pakhsh.evaluation.evaluate`, so the numbers are what `pakhsh eval MODEL --sampler S --steps N` prints.
+With --real-floor the table starts with `--num` real images of the held-out test split scored the same way:
+the noise floor of FID and KID at this n (no sampler can be told apart from another below it).
 Writes OUT.json and OUT.md; the figures in docs/results/samplers.md came from this script.
 """
 
@@ -55,6 +57,28 @@ def run_row(model: str, sampler: str, steps: int, eta: float, args: argparse.Nam
             "label": rep.labels()["fid"]}
 
 
+def real_floor_row(model: str, args: argparse.Namespace) -> dict:
+    """`--num` real test-split images of the model's dataset, written as PNGs and scored like a sampler's output."""
+    import tempfile
+
+    from pakhsh.data import DataConfig, build_dataset
+    from pakhsh.imageio import save_images
+    from pakhsh.pipelines import ImagePipeline
+
+    data = ImagePipeline.from_pretrained(model, device="cpu").loaded.config.data
+    ds = build_dataset(DataConfig(name=data.name, image_size=data.image_size, split="test", path=data.path))
+    with tempfile.TemporaryDirectory() as folder:
+        save_images(torch.stack([ds[i]["image"] for i in range(min(args.num, len(ds)))]), folder)
+        start = time.perf_counter()
+        res = evaluate(EvalConfig(source=folder, dataset=data.name, data_path=data.path, num_real=args.num_real,
+                                  metrics=("fid", "kid"), batch_size=args.batch_size, device=args.device,
+                                  stats_dir=args.stats_dir, progress=False))
+    rep = res.report
+    return {"sampler": "real test images", "steps": 0, "eta": 0.0, "fid": rep.fid, "kid": rep.kid_mean,
+            "kid_std": rep.kid_std, "n": rep.n_fake, "seconds": time.perf_counter() - start,
+            "label": rep.labels()["fid"]}
+
+
 def to_markdown(model: str, rows: list[dict], device: str) -> str:
     ref = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000), None)
     ref = ref or next((r for r in rows if r["sampler"] == "ddpm"), None)
@@ -65,7 +89,8 @@ def to_markdown(model: str, rows: list[dict], device: str) -> str:
     for r in rows:
         name = r["sampler"] + (f" (eta={r['eta']:g})" if r["sampler"] == "ddim" else "")
         rel = f"{r['fid'] / ref['fid']:.2f}x" if ref else "-"
-        lines.append(f"| {name} | {r['steps']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
+        steps = r["steps"] or "-"
+        lines.append(f"| {name} | {steps} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
                      f"| {rel} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -81,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while sampling")
     p.add_argument("--stats-dir", default=None)
+    p.add_argument("--real-floor", action="store_true",
+                   help="first score --num real test images: the noise floor of the metrics at this n")
+    p.add_argument("--rows-only", action="store_true", help="with --real-floor: the floor row alone, no samplers")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: print only)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for sampler, steps, eta in ROWS[args.rows]:
+    if args.real_floor:
+        rows.append(real_floor_row(args.model, args))
+        print(f"{args.model} real test images  FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.5f}", flush=True)
+    for sampler, steps, eta in [] if args.rows_only else ROWS[args.rows]:
         rows.append(run_row(args.model, sampler, steps, eta, args))
         r = rows[-1]
         print(f"{args.model} {sampler:12s} {steps:5d} eta={eta:g}  FID {r['fid']:.3f}  KID {r['kid']:.5f}  "
