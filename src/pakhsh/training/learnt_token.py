@@ -23,7 +23,6 @@ def token_pieces(tokenizer: Any, token: str) -> list[str]:
     return [str(p) for p in tokenizer.tokenize(token)]
 
 
-
 def piece_ids(text_encoder: Any, db: DreamBoothConfig) -> list[int]:
     """The vocabulary ids of the identifier's tokenizer pieces."""
     return [int(i) for i in text_encoder.tokenizer.convert_tokens_to_ids(token_pieces(text_encoder.tokenizer,

@@ -41,7 +41,6 @@ def inject_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Mo
     return inject_adapter_in_model(config, unet)
 
 
-
 def base_key(key: str) -> str:
     """A (LoRA-wrapped) net's key -> the plain UNet's key: `x.qkv.base_layer.weight` -> `x.qkv.weight`."""
     return key.replace(".base_layer.", ".")
