@@ -327,12 +327,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import Trainer
 
     cfg = _train_config(args)
-    from .training.distributed import end_process_group
+    from .training.distributed import end_process_group, exit_worker_rank
 
+    finished = False
     try:
         result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
+        finished = not result.interrupted
     finally:
-        end_process_group()
+        end_process_group(finished)
+    if finished:
+        exit_worker_rank(0)
     # only the main process reports, and only a checkpoint that is on disk
     if result.checkpoint is not None and result.checkpoint.is_dir():
         if result.interrupted:

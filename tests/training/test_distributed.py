@@ -65,3 +65,18 @@ def test_launched_processes_that_do_not_form_one_run_are_an_error(tiny_yaml, tmp
     with pytest.raises(TrainingError, match=r"2 processes were launched \(WORLD_SIZE=2\) but accelerate set up 1 .*torchrun"):
         Trainer(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("env", "exits"), [({"WORLD_SIZE": "2", "RANK": "1"}, True),
+                                            ({"WORLD_SIZE": "2", "RANK": "0"}, False), ({}, False)])
+def test_only_a_worker_rank_exits_at_once_after_training(env, exits):
+    """A worker rank ends with os._exit (no interpreter teardown: atexit handlers do not run); the main rank and a
+    single process go on to report."""
+    code = ("import atexit, sys; from pakhsh.training.distributed import exit_worker_rank; "
+            "atexit.register(lambda: print('teardown')); print('trained', flush=True); exit_worker_rank(0); "
+            "print('reported')")
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    res = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == (["trained"] if exits else ["trained", "reported", "teardown"])
