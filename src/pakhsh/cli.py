@@ -324,19 +324,10 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import Trainer
+    from .training.distributed import fit_run
 
     cfg = _train_config(args)
-    from .training.distributed import end_process_group, exit_worker_rank
-
-    finished = False
-    try:
-        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
-        finished = not result.interrupted
-    finally:
-        end_process_group(finished)
-    if finished:
-        exit_worker_rank(0)
+    result = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     # only the main process reports, and only a checkpoint that is on disk
     if result.checkpoint is not None and result.checkpoint.is_dir():
         if result.interrupted:

@@ -191,19 +191,11 @@ def dreambooth_run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_dreambooth(args: argparse.Namespace) -> int:
-    from .training import Trainer
-    from .training.distributed import end_process_group, exit_worker_rank
+    from .training.distributed import fit_run
     from .training.dreambooth import save_lora
 
     cfg = dreambooth_run_config(args)
-    finished = False
-    try:
-        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet).fit()
-        finished = not result.interrupted
-    finally:
-        end_process_group(finished)
-    if finished:
-        exit_worker_rank(0)
+    result = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if result.checkpoint is None or not result.checkpoint.is_dir():
         return 128 + result.interrupted if result.interrupted else 0
     db = cfg.dreambooth

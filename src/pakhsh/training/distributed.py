@@ -91,3 +91,19 @@ def exit_worker_rank(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def fit_run(cfg: Any, *, resume: bool, overwrite: bool, progress: bool) -> Any:
+    """Train `cfg` to the end (`Trainer.fit`, what `pakhsh train` and `pakhsh dreambooth` run) and leave the process
+    group; a worker rank of a several-process run that finished normally ends here (`exit_worker_rank`)."""
+    from .trainer import Trainer
+
+    finished = False
+    try:
+        result = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).fit()
+        finished = not result.interrupted
+    finally:
+        end_process_group(finished)
+    if finished:
+        exit_worker_rank(0)
+    return result
