@@ -13,6 +13,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .cli_args import (
+    DEFAULT_MODEL,
+    Parser,
+    add_edit_output_args,
+    add_model_args,
+    add_sampler_args,
+    add_source_args,
+    key_value,
+    lambdas,
+    nonneg_int,
+    positive_int,
+)
 from .cli_generate import (
     add_generate_parser,
     add_inpaint_parser,
@@ -26,132 +38,16 @@ from .cli_restore import add_restore_parser, check_restore_args
 from .cli_unclip import add_unclip_parser, check_unclip_args
 from .threads import MAX_AUTO_THREADS, choose_threads
 
-DEFAULT_MODEL = "shapes"
 DEBUG_ENV = "PAKHSH_DEBUG"  # set to 1 for Python tracebacks instead of one-line messages
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the usage block buries the message that says what to fix."""
-
-    def error(self, message: str) -> Any:  # argparse's signature says NoReturn; it exits
-        # "argument --set: --set expects ..." -> "--set expects ...": our own messages already name the flag
-        head, sep, rest = message.partition(": ")
-        if head.startswith("argument ") and sep and rest.startswith(head[len("argument "):].split("/")[0] + " "):
-            message = rest
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= low (counts, sizes, steps); the message names the flag via argparse."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={low}"
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
-
-def _float_in(low: float, high: float = math.inf, low_open: bool = False, hint: str = "") -> Callable[[str], float]:
-    """An argparse type: a finite float in [low, high] ((low, high] when low_open; no upper bound when high is inf)."""
-    if high < math.inf:
-        span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-    else:
-        span = f"{'>' if low_open else '>='} {low:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            raise argparse.ArgumentTypeError(f"must be {span}, got {text}{hint}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _lambdas(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"lambdas must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(not 0 <= v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"lambdas must lie in [0, 1], got {text!r}")
-    return vals
-
-
-def _key_value(text: str) -> str:
-    """An argparse type for --set: KEY=VALUE (without it, argparse would blame the next word instead)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    return text
-
-
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="source_format", choices=["auto", "pakhsh", "diffusers", "openai"], default="auto",
-                   help="model format (default: auto: a folder with model_index.json is diffusers, a .pt file is "
-                        "openai/improved-diffusion, anything else pakhsh)")
-    p.add_argument("--openai-flags", metavar="FLAGS|FILE",
-                   help="for an improved/guided-diffusion .pt: the flags it was trained with, e.g. "
-                        "\"--image_size 64 --num_channels 128 --learn_sigma True\", or a file holding them (text or "
-                        "JSON object)")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="checkpoint folder, run folder (its latest checkpoint), shipped model name, diffusers "
-                        "pipeline folder or improved-diffusion .pt file "
-                        "(default: %(default)s; `pakhsh configs` lists the shipped models)")
-    _add_source_args(p)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA average")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-
-
-def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m", "sde-dpm++2m"], default="ddpm",
-                   help="ddpm: ancestral; ddim: DDIM (eta); dpm++2m: DPM-Solver++(2M); sde-dpm++2m: its stochastic "
-                        "variant, the best at 20 steps (default: %(default)s)")
-    p.add_argument("--steps", type=_nonneg_int, default=100,
-                   help="sampling steps, a subset of the training steps (0 = all) (default: %(default)s)")
-    p.add_argument("--eta", type=_float_in(0.0, 1.0), default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
-    p.add_argument("--guidance", type=_float_in(0.0, hint=" (1 = no guidance, 0 = unconditional)"), default=1.0,
-                   help="classifier-free guidance scale for class-conditional models (default: %(default)s)")
-    p.add_argument("--threshold", type=_float_in(0.0, 1.0, low_open=True), default=None,
-                   help="dynamic thresholding percentile in (0, 1], e.g. 0.995, instead of clipping x0")
-
-
-def _add_edit_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--steps", type=_nonneg_int, default=0,
-                   help="respaced ancestral steps for decoding (0 = all, as the paper)")
-    p.add_argument("--out", "-o", default=default_out,
-                   help="image path; its suffix picks the format (.png, .jpg, .webp, ...) (default: %(default)s)")
-    p.add_argument("--scale", type=_positive_int, default=4,
-                   help="integer upscaling of the image (default: %(default)s)")
-    p.add_argument("--label", help="class label (number or class name) for class-conditional models "
-                                   "(default: the null class, i.e. unconditional)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="pakhsh", description="Train, sample, edit and evaluate diffusion models (DDPM / Improved DDPM, "
                                    "Palette image-to-image).",
         epilog="Run `pakhsh COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"pakhsh {_version()}")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for torch (default: the cores this process may run on that other "
                              f"processes leave idle, 1 to {MAX_AUTO_THREADS}; OMP_NUM_THREADS wins when set)")
     parser.add_argument("--verbose", "-v", action="store_true", help="say what was chosen (threads, ...)")
@@ -164,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?",
                    help="shipped config name (e.g. shapes) or YAML file (default: built-in defaults; with --resume: "
                         "the run's own saved config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                    help="override a config key, e.g. --set train.lr=1e-4 --set data.name=fashion_mnist")
     p.add_argument("--out", help="run folder (same as --set train.out_dir=...; default: runs/NAME)")
     p.add_argument("--resume", action="store_true",
@@ -181,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("sample", help="sample images and write a PNG grid")
-    _add_model_args(p)
-    _add_sampler_args(p)
-    p.add_argument("--num", "-n", type=_positive_int, default=16, help="number of images (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
+    add_model_args(p)
+    add_sampler_args(p)
+    p.add_argument("--num", "-n", type=positive_int, default=16, help="number of images (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--label", action="append",
                    help="class label for class-conditional models: a number or a class name (e.g. --label cat); "
                         "give it once for all images or --num times")
@@ -194,37 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the images as uint8 NHWC under arr_0 (labels under arr_1), the format of "
                         "improved-diffusion's image_sample.py and the ADM evaluator")
     p.add_argument("--singles", help="also write each image as its own PNG into this folder")
-    p.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
-    p.add_argument("--scale", type=_positive_int, default=4,
+    p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
+    p.add_argument("--scale", type=positive_int, default=4,
                    help="integer upscaling of the grid PNG (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("interpolate", help="interpolate two images through x_t (DDPM sec. 4.3)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("image_a", help="image file, or data:INDEX for an image of the model's test split")
     p.add_argument("image_b", help="image file, or data:INDEX")
-    p.add_argument("--lambdas", type=_lambdas, default=_lambdas("0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1"),
+    p.add_argument("--lambdas", type=lambdas, default=lambdas("0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1"),
                    help="mixing weights in [0, 1] (default: 9 evenly spaced)")
-    p.add_argument("--t", type=_nonneg_int, default=500,
+    p.add_argument("--t", type=nonneg_int, default=500,
                    help="training step to mix at, 0..T-1 (default: %(default)s)")
     p.add_argument("--mixing", choices=["linear", "slerp"], default="linear", help="how to mix (default: linear)")
-    _add_edit_output_args(p, "interpolation.png")
+    add_edit_output_args(p, "interpolation.png")
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("vary", help="variations of an image from an intermediate x_t (DDPM Fig. 9)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("image", help="image file, or data:INDEX for an image of the model's test split")
-    p.add_argument("--t", type=_nonneg_int, default=750,
+    p.add_argument("--t", type=nonneg_int, default=750,
                    help="training step to restart from, 0..T-1 (default: %(default)s)")
-    p.add_argument("--count", type=_positive_int, default=8, help="number of variations (default: %(default)s)")
-    _add_edit_output_args(p, "variations.png")
+    p.add_argument("--count", type=positive_int, default=8, help="number of variations (default: %(default)s)")
+    add_edit_output_args(p, "variations.png")
     p.set_defaults(func=cmd_vary)
 
     p = sub.add_parser("nll", help="bits/dim (full variational bound) on a dataset split")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--max-images", type=_positive_int, default=256, help="images to evaluate (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--max-images", type=positive_int, default=256, help="images to evaluate (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dataset", help="dataset to evaluate on (default: the model's own; needed for diffusers and "
                                      "improved-diffusion models, which record none)")
     p.add_argument("--data-path", help="location of --dataset where it needs one")
@@ -238,25 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
         "reference statistics are cached per (dataset, split, extractor, size, n). Writes JSON and a markdown table."))
     p.add_argument("source", help="checkpoint/run folder, shipped model name, diffusers pipeline folder or "
                                   "improved-diffusion .pt (sampled), or a folder of images")
-    _add_source_args(p)
+    add_source_args(p)
     p.add_argument("--dataset", help="reference dataset (default: the checkpoint's; required for image folders)")
     p.add_argument("--data-path", help="location of the reference dataset where it needs one")
     p.add_argument("--split", choices=["train", "test"], default="train", help="reference split (default: train)")
-    p.add_argument("--image-size", type=_positive_int,
+    p.add_argument("--image-size", type=positive_int,
                    help="reference image size (default: checkpoint's or feature net's)")
-    p.add_argument("--num-real", type=_positive_int, default=10_000, help="reference images (default: %(default)s)")
-    p.add_argument("--num-samples", "-n", type=_positive_int, default=1000,
+    p.add_argument("--num-real", type=positive_int, default=10_000, help="reference images (default: %(default)s)")
+    p.add_argument("--num-samples", "-n", type=positive_int, default=1000,
                    help="images to sample, or at most this many from a folder (default: %(default)s)")
     p.add_argument("--feature-net", help="'inception', a shipped net (fashion_mnist, shapes) or a FeatureNet folder "
                                          "(default: the dataset's shipped net)")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="local pt_inception-2015-12-05-6726825d.pth (selects the standard FID Inception)")
     p.add_argument("--metrics", default="fid,kid,is,pr", help="comma-separated subset of fid,kid,is,pr")
-    _add_sampler_args(p)
+    add_sampler_args(p)
     p.add_argument("--bpd", action="store_true", help="also bits/dim (full bound) of the checkpoint on the test split")
-    p.add_argument("--bpd-images", type=_positive_int, default=256,
+    p.add_argument("--bpd-images", type=positive_int, default=256,
                    help="test images for bits/dim (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--strict", action="store_true", help="size/channel mismatches and unreadable files are errors")
     p.add_argument("--stats-dir", help="reference statistics cache (default: ~/.cache/pakhsh/stats)")
     p.add_argument("--json", default="eval.json", help="JSON report path (default: %(default)s)")
@@ -268,18 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    add_generate_parser(sub, _positive_int, _nonneg_int, _float_in(0.0, hint=" (1 = no guidance)"))
-    add_inpaint_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
-    add_reconstruct_parser(sub, _positive_int)
-    add_unclip_parser(sub, _positive_int, _float_in(0.0, hint=" (1 = no guidance)"))
-    add_dreambooth_parser(sub, _positive_int, _nonneg_int, _float_in(0.0), _key_value)
-    add_restore_parser(sub, _add_model_args, _add_sampler_args, _positive_int,
-                       _float_in(0.0, 1.0, low_open=True, hint=" (a share of the image side)"))
+    for add in (add_generate_parser, add_inpaint_parser, add_reconstruct_parser, add_unclip_parser,
+                add_dreambooth_parser, add_restore_parser):
+        add(sub)
 
     p = sub.add_parser("info", help="summarise a model: config, parameters, training state")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                    help="checkpoint/run folder, shipped name, diffusers pipeline folder or improved-diffusion .pt")
-    _add_source_args(p)
+    add_source_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("export", help="write an inference-only model folder (pakhsh or diffusers format)",

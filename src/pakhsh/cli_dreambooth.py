@@ -12,14 +12,15 @@ import argparse
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from .cli_args import key_value, nonneg_float, nonneg_int, positive_int
 
 DEMO = "demo"
 SUBJECT_FOLDER = "subject"  # RUN/subject: where --subject demo is written
 
 
-def add_dreambooth_parser(sub: Any, positive_int: Callable[[str], int], nonneg_int: Callable[[str], int],
-                          nonneg_float: Callable[[str], float], key_value: Callable[[str], str]) -> None:
+def add_dreambooth_parser(sub: Any) -> None:
     p = sub.add_parser(
         "dreambooth", help="DreamBooth: fine-tune a text-to-image model on a few images of one subject",
         description="Fine-tune a latent text-to-image model (default: the shipped t2i) on 3-5 images of one subject, "

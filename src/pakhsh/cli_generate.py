@@ -11,20 +11,20 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from .cli_args import SAMPLER_NAMES, guidance_scale, nonneg_int, positive_int
 
 DEFAULT_T2I_MODEL = "t2i"
 DEFAULT_AUTOENCODER = "autoencoder_f4"
-SAMPLER_NAMES = ["ddpm", "ddim", "dpm++2m", "sde-dpm++2m"]
 
 
-def _add_latent_sampling(p: argparse.ArgumentParser, positive_int: Callable[[str], int],
-                         nonneg_float: Callable[[str], float]) -> None:
+def _add_latent_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_T2I_MODEL,
                    help="a latent model pakhsh trained (shipped name, run or checkpoint folder) or a diffusers "
                         "Stable Diffusion folder (default: %(default)s, the shipped shapes text-to-image model)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
-    p.add_argument("--guidance", type=nonneg_float, default=None,
+    p.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale (1 = none, 0 = unconditional) (default: 3 for pakhsh "
                         "models, 7.5 for Stable Diffusion folders)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="sampler (default: %(default)s)")
@@ -38,8 +38,7 @@ def _add_latent_sampling(p: argparse.ArgumentParser, positive_int: Callable[[str
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def add_generate_parser(sub: Any, positive_int: Callable[[str], int], nonneg_int: Callable[[str], int],
-                        nonneg_float: Callable[[str], float]) -> None:
+def add_generate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "generate", help="text-to-image (and map/layout-to-image) with a latent diffusion model",
         description="Generate images from prompts with a latent diffusion model: the shipped `t2i` (64x64 shapes "
@@ -48,7 +47,7 @@ def add_generate_parser(sub: Any, positive_int: Callable[[str], int], nonneg_int
                     "downloaded. Writes a grid, one row per prompt.")
     p.add_argument("prompts", nargs="*",
                    help="one or more prompts; \"\" means unconditional (may be left out with --map / --layout)")
-    _add_latent_sampling(p, positive_int, nonneg_float)
+    _add_latent_sampling(p)
     p.add_argument("--map", dest="segmap", default=None,
                    help="segmentation map PNG (colour or class-id PNG, see `pakhsh.conditioning.segmap`) for "
                         "models trained with maps")
@@ -65,7 +64,7 @@ def add_generate_parser(sub: Any, positive_int: Callable[[str], int], nonneg_int
     p.set_defaults(func=cmd_generate)
 
 
-def add_inpaint_parser(sub: Any, positive_int: Callable[[str], int], nonneg_float: Callable[[str], float]) -> None:
+def add_inpaint_parser(sub: Any) -> None:
     p = sub.add_parser(
         "inpaint", help="fill a masked region of an image with a latent diffusion model (the rest kept)",
         description="Inpaint with a latent model: the region under the mask (white = fill) is generated to match "
@@ -76,13 +75,13 @@ def add_inpaint_parser(sub: Any, positive_int: Callable[[str], int], nonneg_floa
     p.add_argument("prompt", nargs="?", default="", help="what to paint (default: \"\", unconditional)")
     p.add_argument("--mask", default="center",
                    help="mask image (white = fill, same size as the image) or center (default: %(default)s)")
-    _add_latent_sampling(p, positive_int, nonneg_float)
+    _add_latent_sampling(p)
     p.add_argument("--num", "-n", type=positive_int, default=4, help="outputs, side by side (default: %(default)s)")
     p.add_argument("--out", "-o", default="inpainted.png", help="output image (default: %(default)s)")
     p.set_defaults(func=cmd_inpaint)
 
 
-def add_reconstruct_parser(sub: Any, positive_int: Callable[[str], int]) -> None:
+def add_reconstruct_parser(sub: Any) -> None:
     p = sub.add_parser(
         "reconstruct", help="encode and decode images with an autoencoder; PSNR and SSIM",
         description="Run a KL autoencoder (latent diffusion's first stage) on images: writes rows of "

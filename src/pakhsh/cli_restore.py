@@ -7,7 +7,9 @@ import argparse
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from .cli_args import add_model_args, add_sampler_args, positive_int, side_fraction
 
 import torch
 
@@ -19,9 +21,7 @@ DEFAULT_RESTORE_MODEL = "palette"
 MASK_KINDS = ("center", "boxes", "freeform")
 
 
-def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
-                       add_sampler_args: Callable[[argparse.ArgumentParser], None],
-                       positive_int: Callable[[str], int], fraction: Callable[[str], float]) -> None:
+def add_restore_parser(sub: Any) -> None:
     p = sub.add_parser(
         "restore", help="image-to-image with Palette: colorize, inpaint, uncrop, panorama, jpeg, superres",
         description="Run a Palette model on an image file or a folder of them. Writes, per input, a row "
@@ -45,7 +45,7 @@ def add_restore_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentPars
                         "(default: %(default)s)")
     p.add_argument("--side", choices=["left", "right", "top", "bottom", "all"], default="right",
                    help="uncrop: which side to extend (default: %(default)s)")
-    p.add_argument("--fraction", type=fraction, default=None,
+    p.add_argument("--fraction", type=side_fraction, default=None,
                    help="uncrop: share of the side generated; panorama: share of each new tile (default: the "
                         "model's training fraction, 0.25 for the shipped model)")
     p.add_argument("--quality", type=_quality, default=None,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-SAMPLER_NAMES = ["ddpm", "ddim", "dpm++2m", "sde-dpm++2m"]
+from .cli_args import SAMPLER_NAMES, guidance_scale, positive_int
 
 
-def add_unclip_parser(sub: Any, positive_int: Callable[[str], int], nonneg_float: Callable[[str], float]) -> None:
+
+def add_unclip_parser(sub: Any) -> None:
     from .pipelines.unclip import DEFAULT_DECODER, DEFAULT_PRIOR, DEFAULT_UPSAMPLER
 
     p = sub.add_parser(
@@ -37,8 +38,8 @@ def add_unclip_parser(sub: Any, positive_int: Callable[[str], int], nonneg_float
                    help="decoder: shipped name, run or checkpoint (default: %(default)s)")
     p.add_argument("--upsampler", default=DEFAULT_UPSAMPLER,
                    help="super-resolution model (default: %(default)s); `none` stops at the decoder's 32x32")
-    p.add_argument("--prior-guidance", type=nonneg_float, default=2.0, help="prior guidance scale (default: 2)")
-    p.add_argument("--decoder-guidance", type=nonneg_float, default=3.0, help="decoder guidance scale (default: 3)")
+    p.add_argument("--prior-guidance", type=guidance_scale, default=2.0, help="prior guidance scale (default: 2)")
+    p.add_argument("--decoder-guidance", type=guidance_scale, default=3.0, help="decoder guidance scale (default: 3)")
     p.add_argument("--prior-steps", type=positive_int, default=25, help="prior sampling steps (default: 25)")
     p.add_argument("--decoder-steps", type=positive_int, default=25, help="decoder sampling steps (default: 25)")
     p.add_argument("--upsampler-steps", type=positive_int, default=50, help="upsampler sampling steps (default: 50)")
