@@ -35,6 +35,7 @@ ROWS = {
         ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("dpm++2m", 20, 0.0), ("sde-dpm++2m", 20, 0.0),
         ("sde-dpm++2m", 10, 0.0),
     ],
+    "chain": [("ddpm", 1000, 0.0)],  # the 1000-step reference alone (about 100 min per model on one CPU core)
     "gpu": [
         ("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 20, 1.0),
         ("dpm++2m", 20, 0.0), ("sde-dpm++2m", 20, 0.0), ("sde-dpm++2m", 10, 0.0),
