@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -43,12 +41,13 @@ from .checkpoint import (
 from .ema import EMA, rate_name
 from .distributed import TrainingError, make_accelerator
 from .experiment import ExperimentConfig
-from ..tasks import TASK_NAMES
 from .objectives import Draws, build_net, compute_losses
 from .loader import GlobalBatchSampler, auto_workers, make_loader, stream_seed as _stream_seed
+from .data_checks import check_label_range, check_labels_fit, check_model_fits, with_class_names
 from .lock import RunLock
 from .monitor import RunLog, describe_data, save_preview
 from .precision import choose_precision
+from .run_folder import remove_run, run_contents, set_aside
 
 # train.* keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = {"steps", "log_every", "save_every", "sample_every", "num_preview", "preview_steps", "keep_last",
@@ -83,7 +82,7 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.out = Path(tc.out_dir or f"runs/{cfg.name}")
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-        self._check_model_fits()
+        check_model_fits(cfg)
         self.acc = make_accelerator(tc, self.precision)
         if cfg.objective == "clip" and (tc.grad_accum > 1 or self.acc.num_processes > 1):
             # the contrastive loss takes the rest of the batch as negatives: a slice of it is another objective
@@ -111,8 +110,8 @@ class Trainer:
         # the data first: a wrong path or class count fails before any model is built, and the class names go
         # into the config before a resume compares it with the checkpoint's
         self.dataset = dataset if dataset is not None else build_dataset(cfg.data)
-        self._check_labels_fit()
-        self._record_class_names()
+        check_labels_fit(cfg, self.dataset)
+        self.cfg = with_class_names(cfg, self.dataset)
         cfg = self.cfg
         if cfg.is_dreambooth:  # the base's frozen parts, subject and class images (training/dreambooth.py), which
             from .dreambooth import start_dreambooth_system  # says what it trains on once the base is loaded
@@ -152,7 +151,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2, sort_keys=True) + "\n")
             self.log.truncate_after(self.step)
             for folder in damaged:  # every process has read the checkpoints by now (prepare synchronises)
-                _set_aside(folder)
+                set_aside(folder)
 
     # ------------------------------------------------------------------ setup
     def _latent_system(self, resume: bool) -> Any:
@@ -167,65 +166,17 @@ class Trainer:
                            f"first {min(self.cfg.latent.scale_samples, len(self.dataset))} training images)")
         return system
 
-    def _check_model_fits(self) -> None:
-        if self.cfg.objective in ("clip", "prior"):  # their nets are checked against the CLIP when it loads
-            return
-        if self.cfg.is_autoencoder:
-            ae, ch = self.cfg.autoencoder, self.cfg.data.channels
-            if ae is not None and ch is not None and ch != ae.in_channels:
-                raise ValueError(f"autoencoder.in_channels={ae.in_channels} but data.channels={ch}")
-            return
-        m, d = self.cfg.model, self.cfg.diffusion
-        want = m.out_channels * (2 if d.variance.value == "learned_range" else 1)
-        if m.out_dim != want:
-            raise ValueError(
-                f"model.learn_sigma={m.learn_sigma} does not fit diffusion.variance={d.variance.value}: "
-                "set model.learn_sigma=true exactly when the variance is learned_range"
-            )
-        if m.out_channels != self.cfg.data.channels and self.cfg.data.channels is not None and not self.cfg.is_latent:
-            raise ValueError(f"model.out_channels={m.out_channels} but data.channels={self.cfg.data.channels}")
-
-    def _check_labels_fit(self) -> None:
-        """A class-conditional model needs a labelled dataset with exactly model.num_classes classes (label
-        num_classes is the null class of classifier-free guidance, so a larger label would train silently wrong)."""
-        want = self.cfg.model.num_classes
-        if want is None or self.cfg.task is not None:  # Palette: the label is the task, not the data's class
-            return
-        have = getattr(self.dataset, "num_classes", None)
-        name = self.cfg.data.name
-        if have is None:
-            raise ValueError(f"model.num_classes={want} but dataset '{name}' has no labels; "
-                             "set model.num_classes=null for an unconditional model")
-        if have != want:
-            raise ValueError(f"model.num_classes={want} but dataset '{name}' has {have} classes; "
-                             f"set model.num_classes={have}")
-
-    def _record_class_names(self) -> None:
-        """Save the dataset's class names in the run's config: pipelines then take `--label cat` for its model."""
-        found = getattr(self.dataset, "class_names", None)
-        if self.cfg.task is not None:  # a multi-task Palette model's labels are its tasks
-            found = list(TASK_NAMES) if self.cfg.task.name == "multi" else None
-        if found is None:
-            return
-        found = [str(c) for c in found]
-        given = self.cfg.class_names
-        if given is not None and list(given) != found:
-            raise ValueError(f"class_names={_short_list(given)} but dataset '{self.cfg.data.name}' has the classes "
-                             f"{_short_list(found)}: the data changed since the run started, or the config names "
-                             "other classes (class_names is filled from the data; leave it out)")
-        self.cfg = replace(self.cfg, class_names=found)
-
     def _claim_run_folder(self, resume: bool, overwrite: bool) -> None:
         """Lock the run folder (and prove it writable) before any work; refuse to train over another run."""
         self.lock.acquire()
         if resume:
             return
-        found = _run_contents(self.out)
+        found = run_contents(self.out)
         if found and not overwrite:
             raise TrainingError(f"{self.out} already holds a run ({', '.join(found)}); continue it with --resume, "
                                 "replace it with --overwrite, or train into a new --out folder")
         if found:
-            _remove_run(self.out)
+            remove_run(self.out)
 
     def _on_main(self, fn: Callable[[], Any], what: str) -> None:
         """Run `fn` on the main process only; if it fails, every process stops (none waits forever)."""
@@ -461,7 +412,7 @@ class Trainer:
         if self.cfg.model.num_classes is not None and self.cfg.task is None:
             if "label" not in batch:
                 raise ValueError(f"model.num_classes={self.cfg.model.num_classes} but dataset '{self.cfg.data.name}' has no labels")
-            _check_label_range(batch["label"], self.cfg.model.num_classes, self.cfg.data.name)
+            check_label_range(batch["label"], self.cfg.model.num_classes, self.cfg.data.name)
         # degradations (Palette) draw from their own stream; per process, so N processes degrade differently
         # from one (the diffusion draws above stay global)
         draws = Draws(t, noise, drop[sl].to(dev), torch.Generator().manual_seed(_stream_seed(tc.seed, pos, 1000 + rank)),
@@ -590,49 +541,3 @@ class Trainer:
             except ValueError:  # not the main thread: leave signals alone
                 break
         return old
-
-
-def _short_list(names: list[str], limit: int = 8) -> str:
-    """[a, b, c, ...]: class lists in one-line messages stay one line."""
-    return "[" + ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") + "]"
-
-
-def _check_label_range(labels: torch.Tensor, num_classes: int, dataset: str) -> None:
-    """Labels must be 0..num_classes-1: label num_classes is the null class, beyond it the embedding fails."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
-        raise ValueError(f"dataset '{dataset}' has label {bad}, outside 0..{num_classes - 1} for "
-                         f"model.num_classes={num_classes}; set model.num_classes to the dataset's class count")
-
-
-# what a run writes into its folder (--overwrite removes exactly these; the lock file stays with its holder)
-_RUN_OUTPUTS = ("checkpoints", "samples", "tb", "log.jsonl", "loss.png", "config.json")
-
-
-def _run_contents(out: Path) -> list[str]:
-    """What in `out` shows an earlier run: checkpoints or a training log."""
-    found = []
-    if step_folders(out) or (out / "checkpoints" / "LATEST").exists():
-        found.append("checkpoints/")
-    log = out / "log.jsonl"
-    if log.is_file() and log.stat().st_size > 0:
-        found.append("log.jsonl")
-    return found
-
-
-def _remove_run(out: Path) -> None:
-    for name in _RUN_OUTPUTS:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-
-
-def _set_aside(folder: Path) -> None:
-    """Rename a damaged checkpoint to `step_X.damaged` (kept for inspection; readers and pruning ignore it)."""
-    target = folder.with_name(folder.name + ".damaged")
-    n = 1
-    while target.exists():
-        target, n = folder.with_name(f"{folder.name}.damaged{n}"), n + 1
-    os.replace(folder, target)
