@@ -22,7 +22,8 @@ import torch
 
 from pakhsh.evaluation import EvalConfig, evaluate
 
-# (sampler, steps, eta): the reference chain first, then the few-step contenders
+# (sampler, steps, eta[, spacing]): the reference chain first, then the few-step contenders; spacing "auto" (the
+# sampler's default: noise-dense for sde-dpm++2m, uniform for the others) unless named
 ROWS = {
     "full": [
         ("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddpm", 50, 0.0), ("ddpm", 20, 0.0),
@@ -35,6 +36,10 @@ ROWS = {
         ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("dpm++2m", 20, 0.0), ("sde-dpm++2m", 20, 0.0),
         ("sde-dpm++2m", 10, 0.0),
     ],
+    "spacing": [  # the same 20-step samplers with the other spacing than their default
+        ("sde-dpm++2m", 20, 0.0, "noise-dense"), ("sde-dpm++2m", 10, 0.0, "noise-dense"),
+        ("ddpm", 20, 0.0, "noise-dense"), ("dpm++2m", 20, 0.0, "noise-dense"), ("sde-dpm++2m", 20, 0.0, "uniform"),
+    ],
     "chain": [("ddpm", 1000, 0.0)],  # the 1000-step reference alone (about 100 min per model on one CPU core)
     "gpu": [
         ("ddpm", 1000, 0.0), ("ddpm", 100, 0.0), ("ddpm", 20, 0.0), ("ddim", 50, 0.0), ("ddim", 20, 1.0),
@@ -43,8 +48,9 @@ ROWS = {
 }
 
 
-def run_row(model: str, sampler: str, steps: int, eta: float, args: argparse.Namespace) -> dict:
+def run_row(model: str, sampler: str, steps: int, eta: float, args: argparse.Namespace, spacing: str = "auto") -> dict:
     cfg = EvalConfig(source=model, num_samples=args.num, num_real=args.num_real, sampler=sampler, steps=steps, eta=eta,
+                     spacing=spacing,
                      metrics=("fid", "kid"), batch_size=args.batch_size, seed=args.seed, device=args.device,
                      bf16=args.bf16,
                      stats_dir=args.stats_dir, progress=False)
@@ -53,7 +59,8 @@ def run_row(model: str, sampler: str, steps: int, eta: float, args: argparse.Nam
     start = time.perf_counter()
     res = evaluate(cfg)
     rep = res.report
-    return {"sampler": sampler, "steps": steps, "eta": eta, "fid": rep.fid, "kid": rep.kid_mean,
+    rule = (rep.sampling or {}).get("spacing", "all")  # no spacing when every training step is walked
+    return {"sampler": sampler, "steps": steps, "eta": eta, "spacing": rule, "seed": args.seed, "fid": rep.fid, "kid": rep.kid_mean,
             "kid_std": rep.kid_std, "n": rep.n_fake, "seconds": time.perf_counter() - start,
             "label": rep.labels()["fid"]}
 
@@ -75,7 +82,7 @@ def real_floor_row(model: str, args: argparse.Namespace) -> dict:
                                   metrics=("fid", "kid"), batch_size=args.batch_size, device=args.device,
                                   stats_dir=args.stats_dir, progress=False))
     rep = res.report
-    return {"sampler": "real test images", "steps": 0, "eta": 0.0, "fid": rep.fid, "kid": rep.kid_mean,
+    return {"sampler": "real test images", "steps": 0, "eta": 0.0, "spacing": "-", "seed": 0, "fid": rep.fid, "kid": rep.kid_mean,
             "kid_std": rep.kid_std, "n": rep.n_fake, "seconds": time.perf_counter() - start,
             "label": rep.labels()["fid"]}
 
@@ -83,15 +90,15 @@ def real_floor_row(model: str, args: argparse.Namespace) -> dict:
 def to_markdown(model: str, rows: list[dict], device: str) -> str:
     ref = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000), None)
     ref = ref or next((r for r in rows if r["sampler"] == "ddpm"), None)
-    head = (f"| sampler | steps | FID | KID x1e3 | vs ancestral-{ref['steps'] if ref else '?'} "
+    head = (f"| sampler | steps | spacing | FID | KID x1e3 | vs ancestral-{ref['steps'] if ref else '?'} "
             f"| seconds ({device}, incl. scoring) |")
     lines = [f"### {model}: {rows[0]['label']} (and KID) against the training split", "", head,
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["sampler"] + (f" (eta={r['eta']:g})" if r["sampler"] == "ddim" else "")
         rel = f"{r['fid'] / ref['fid']:.2f}x" if ref else "-"
         steps = r["steps"] or "-"
-        lines.append(f"| {name} | {steps} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
+        lines.append(f"| {name} | {steps} | {r.get('spacing', 'uniform')} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
                      f"| {rel} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -118,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.real_floor:
         rows.append(real_floor_row(args.model, args))
         print(f"{args.model} real test images  FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.5f}", flush=True)
-    for sampler, steps, eta in [] if args.rows_only else ROWS[args.rows]:
-        rows.append(run_row(args.model, sampler, steps, eta, args))
+    for sampler, steps, eta, *spacing in [] if args.rows_only else ROWS[args.rows]:
+        rows.append(run_row(args.model, sampler, steps, eta, args, *spacing))
         r = rows[-1]
-        print(f"{args.model} {sampler:12s} {steps:5d} eta={eta:g}  FID {r['fid']:.3f}  KID {r['kid']:.5f}  "
+        print(f"{args.model} {sampler:12s} {steps:5d} {r['spacing']:11s} eta={eta:g}  FID {r['fid']:.3f}  KID {r['kid']:.5f}  "
               f"{r['seconds']:.1f}s", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     md = to_markdown(args.model, rows, device + (", bf16" if args.bf16 else ""))

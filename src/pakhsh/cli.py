@@ -277,7 +277,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .pipelines import SampleSettings
 
     pipe = _pipeline(args)
-    settings = SampleSettings(args.sampler, args.steps or None, args.eta, args.guidance, threshold=args.threshold)
+    settings = SampleSettings(args.sampler, args.steps or None, args.eta, args.guidance, threshold=args.threshold,
+                              spacing=args.spacing)
     labels = None
     if args.label:
         labels = args.label if len(args.label) > 1 else args.label[0]
@@ -385,7 +386,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_size=args.image_size, num_real=args.num_real, num_samples=args.num_samples,
         feature_net=args.feature_net, inception_weights=args.inception_weights,
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), sampler=args.sampler,
-        steps=args.steps or None, eta=args.eta, guidance=args.guidance, threshold=args.threshold,
+        steps=args.steps or None, spacing=args.spacing, eta=args.eta, guidance=args.guidance, threshold=args.threshold,
         ema=not args.no_ema, bf16=args.bf16,
         bpd=args.bpd, bpd_images=args.bpd_images, batch_size=args.batch_size, seed=args.seed, strict=args.strict,
         stats_dir=args.stats_dir, device=args.device, progress=not args.quiet,

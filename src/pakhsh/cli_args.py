@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 DEFAULT_MODEL = "shapes"
 SAMPLER_NAMES = ["ddpm", "ddim", "dpm++2m", "sde-dpm++2m"]  # pakhsh.samplers.SAMPLERS, without importing torch
+SPACINGS = ["auto", "uniform", "noise-dense"]  # "auto" and pakhsh.samplers.SPACINGS
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,6 +117,11 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                         "variant, the best at 20 steps (default: %(default)s)")
     p.add_argument("--steps", type=nonneg_int, default=100,
                    help="sampling steps, a subset of the training steps (0 = all) (default: %(default)s)")
+    p.add_argument("--spacing", choices=SPACINGS, default="auto",
+                   help="which training steps --steps visits: uniform (improved-diffusion's even stride), noise-dense "
+                        "(crowded towards pure noise) or auto: noise-dense for sde-dpm++2m on unconditional and "
+                        "class-conditional models, uniform for the other samplers and for Palette (default: "
+                        "%(default)s)")
     p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
     p.add_argument("--guidance", type=float_in(0.0, hint=" (1 = no guidance, 0 = unconditional)"), default=1.0,
                    help="classifier-free guidance scale for class-conditional models (default: %(default)s)")

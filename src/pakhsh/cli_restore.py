@@ -152,7 +152,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                       "without classifier-free guidance")
     if args.steps:
         pipe.check_steps(args.steps, "--steps")
-    settings = SampleSettings(args.sampler, args.steps or None, args.eta, threshold=args.threshold)
+    settings = SampleSettings(args.sampler, args.steps or None, args.eta, threshold=args.threshold, spacing=args.spacing)
     if args.input.startswith("data:"):
         files, images = [Path(args.input.replace(":", "_"))], pipe.data_image(args.input)
         if args.task == "superres":  # a full-size dataset image: the model's input is its downsample

@@ -73,8 +73,9 @@ class EvalConfig:
     feature_net: str | None = None  # None: the dataset's shipped net; "inception"; a shipped name; a folder
     inception_weights: str | None = None  # local FID Inception file (implies feature_net="inception")
     metrics: tuple[str, ...] = ALL_METRICS  # subset of fid, kid, is, pr
-    sampler: str = "ddim"  # "ddpm" | "ddim" | "dpm++2m"
+    sampler: str = "ddim"  # "ddpm" | "ddim" | "dpm++2m" | "sde-dpm++2m"
     steps: int | None = 50  # sampling steps (None = all training steps)
+    spacing: str = "auto"  # which training steps they are: "uniform", "noise-dense" or "auto" (the pipeline's choice)
     eta: float = 0.0  # DDIM only
     guidance: float = 1.0  # class-conditional models
     threshold: float | None = None  # dynamic thresholding percentile (e.g. 0.995) instead of clipping x0
@@ -311,17 +312,23 @@ def _bpd(pipe: Any, cfg: EvalConfig) -> tuple[float, int]:
     return rep.bpd, rep.num_images
 
 
-def _sample(pipe: Any, cfg: EvalConfig) -> torch.Tensor:
-    """cfg.num_samples images (N, C, H, W) in [-1, 1] from the checkpoint."""
+def _settings(cfg: EvalConfig) -> Any:
     from pakhsh.pipelines import SampleSettings
 
-    settings = SampleSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, threshold=cfg.threshold)
-    return pipe.generate(cfg.num_samples, settings, seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
+    return SampleSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, threshold=cfg.threshold, spacing=cfg.spacing)
+
+
+def _sample(pipe: Any, cfg: EvalConfig) -> torch.Tensor:
+    """cfg.num_samples images (N, C, H, W) in [-1, 1] from the checkpoint."""
+    return pipe.generate(cfg.num_samples, _settings(cfg), seed=cfg.seed, batch_size=cfg.batch_size,
+                         progress=cfg.progress)
 
 
 def _sampling_info(pipe: Any, cfg: EvalConfig) -> dict[str, Any]:
     steps = cfg.steps if cfg.steps is not None else pipe.diffusion.num_steps
     info: dict[str, Any] = {"sampler": cfg.sampler, "steps": steps, "seed": cfg.seed}
+    if steps < pipe.diffusion.num_steps:
+        info["spacing"] = pipe.spacing_rule(_settings(cfg))
     if cfg.sampler == "ddim":
         info["eta"] = cfg.eta
     if cfg.guidance != 1.0:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -52,6 +53,25 @@ def test_sampling_is_deterministic_under_seed(run):
     a, b = pipe.generate(3, s, seed=4, progress=False), pipe.generate(3, s, seed=4, progress=False)
     c = pipe.generate(3, s, seed=5, progress=False)
     assert (a == b).all() and not (a == c).all()
+
+
+def test_spacing_reaches_the_sampler(run, tmp_path):
+    # sde-dpm++2m walks noise-dense steps unless told otherwise; --spacing uniform gives improved-diffusion's "N"
+    pipe = ImagePipeline.from_pretrained(run)
+    out = {sp: pipe.generate(2, SampleSettings("sde-dpm++2m", 4, spacing=sp), seed=3, progress=False)
+           for sp in ("auto", "noise-dense", "uniform")}
+    assert torch.equal(out["auto"], out["noise-dense"]) and not torch.allclose(out["auto"], out["uniform"])
+    ddpm = {sp: pipe.generate(2, SampleSettings("ddpm", 4, spacing=sp), seed=3, progress=False)
+            for sp in ("auto", "uniform")}
+    assert torch.equal(ddpm["auto"], ddpm["uniform"])  # the other samplers keep uniform steps
+    for spacing in ("uniform", "noise-dense"):
+        assert main(["sample", "-m", str(run), "-n", "2", "--steps", "4", "--sampler", "sde-dpm++2m", "--spacing",
+                     spacing, "-o", str(tmp_path / f"{spacing}.png"), "--npz", str(tmp_path / f"{spacing}.npz"),
+                     "--seed", "3", "-q"]) == 0
+        want = ((out[spacing].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        assert np.abs(np.load(tmp_path / f"{spacing}.npz")["arr_0"].astype(int) - want.astype(int)).max() <= 1
+    with pytest.raises(SystemExit):
+        main(["sample", "-m", str(run), "--spacing", "karras"])
 
 
 def test_interpolate_vary_nll_info_export(run, tmp_path, capsys):

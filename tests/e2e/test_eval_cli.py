@@ -80,6 +80,6 @@ def test_eval_checkpoint_samples_and_reports_bpd(tmp_path):
         assert main(args) == 0
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["kind"] == "checkpoint" and report["dataset"] == "shapes" and report["extractor"] == "shapes-net"
-    assert report["sampling"] == {"sampler": "ddim", "steps": 5, "seed": 0, "eta": 0.0}
+    assert report["sampling"] == {"sampler": "ddim", "steps": 5, "seed": 0, "spacing": "uniform", "eta": 0.0}
     assert report["bpd"] > 0 and report["bpd_images"] == 4
     assert "bits/dim (test, 4 images)" in (tmp_path / "e.md").read_text()

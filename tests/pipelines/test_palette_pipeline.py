@@ -426,3 +426,16 @@ def test_degrade_is_seeded_and_uses_the_models_task_settings(multi, colorize, im
     assert torch.equal(col["cond_image"], to_luma(images)) and "y" not in col
     with pytest.raises(ValueError, match="trained for colorize"):
         colorize.degrade(images, "jpeg")
+
+
+def test_palette_auto_spacing_is_uniform():
+    # the noise-dense default of sde-dpm++2m is for unconditional models; Palette's auto stays uniform
+    from pakhsh.pipelines import ImagePipeline, SampleSettings
+    from pakhsh.pipelines.palette import PalettePipeline
+
+    s = SampleSettings("sde-dpm++2m", 20)
+    assert PalettePipeline.spacing_rule(s) == "uniform"
+    assert ImagePipeline.spacing_rule(s) == "noise-dense"
+    assert ImagePipeline.spacing_rule(SampleSettings("ddpm", 20)) == "uniform"
+    with pytest.raises(ValueError, match="unknown spacing 'karras'"):
+        ImagePipeline.spacing_rule(SampleSettings(spacing="karras"))

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from pakhsh.diffusion import GaussianDiffusion, linear_betas
-from pakhsh.samplers import SAMPLERS, SamplerStep, default_spacing, dpm_solver_pp_2m, sample, sde_dpm_solver_pp_2m
+from pakhsh.samplers import (
+    SAMPLERS,
+    SamplerStep,
+    default_spacing,
+    dpm_solver_pp_2m,
+    noise_dense_steps,
+    sample,
+    sde_dpm_solver_pp_2m,
+)
 
 SOLVERS = [dpm_solver_pp_2m, sde_dpm_solver_pp_2m]
 
@@ -86,6 +94,7 @@ def test_sde_is_stochastic_and_seeded():
 def test_sde_registered_with_dpm_spacing(gen):
     assert SAMPLERS["sde-dpm++2m"] is sde_dpm_solver_pp_2m
     assert default_spacing("sde-dpm++2m", 20, 1000) == default_spacing("dpm++2m", 20, 1000) == "20"
+    assert default_spacing("sde-dpm++2m", 20, 1000, "noise-dense") == noise_dense_steps(20, 1000)
     assert default_spacing("sde-dpm++2m", None, 1000) is None
     base = GaussianDiffusion(linear_betas(1000))
     x_T = torch.randn(1, 1, 4, 4, generator=gen)
@@ -94,3 +103,31 @@ def test_sde_registered_with_dpm_spacing(gen):
                         generator=torch.Generator().manual_seed(3))
     direct = sde_dpm_solver_pp_2m(base.respace("20"), model, x_T, generator=torch.Generator().manual_seed(3))
     assert torch.equal(via_sample, direct)
+
+
+def test_noise_dense_steps_closed_form_and_ends():
+    # t_i = round(999 (1 - (1 - i/19)^2)): both ends kept, gaps shrinking towards pure noise
+    ts = noise_dense_steps(20, 1000)
+    assert ts == [round(999 * (1 - (1 - i / 19) ** 2)) for i in range(20)]
+    assert ts[0] == 0 and ts[-1] == 999
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] == 102 and gaps[-1] == 3
+
+
+@pytest.mark.parametrize("steps,T", [(2, 1000), (900, 1000), (999, 1000), (1000, 1000), (7, 7), (5, 50)])
+def test_noise_dense_steps_are_distinct_at_any_count(steps, T):
+    # near T the rounded values collide when N is close to T; every count still gets N distinct steps
+    ts = noise_dense_steps(steps, T)
+    assert len(ts) == steps and ts == sorted(set(ts)) and ts[0] == 0 and ts[-1] == T - 1
+    if steps == T:
+        assert ts == list(range(T))
+
+
+def test_spacing_names_are_checked():
+    with pytest.raises(ValueError, match="unknown spacing 'karras'"):
+        default_spacing("ddpm", 20, 1000, "karras")
+    with pytest.raises(ValueError, match="2 <= steps <= 1000"):
+        noise_dense_steps(1001, 1000)
+    assert default_spacing("ddim", 20, 1000, "noise-dense") == noise_dense_steps(20, 1000)
+    assert default_spacing("ddim", 20, 1000) == "ddim20" and default_spacing("ddpm", 20, 1000) == "20"
+    assert default_spacing("sde-dpm++2m", 1, 1000, "noise-dense") == [999]  # one step starts from pure noise

@@ -50,6 +50,10 @@ class PalettePipeline(ImagePipeline):
     """A trained Palette (or regression-baseline) model. `task` is what it was trained for: one of SINGLE_TASKS or
     "multi" (the four TASK_NAMES, the task given as the label)."""
 
+    # "auto" is uniform for every sampler: the condition image fixes the layout that noise-dense steps help an
+    # unconditional model find, and docs/results/palette.md was measured with uniform steps
+    AUTO_SPACING: dict[str, str] = {}
+
     def __init__(self, loaded: ResolvedModel, device: str | torch.device = "auto", bf16: bool = False) -> None:
         if loaded.config is None or loaded.config.task is None:
             raise ValueError(f"{loaded.path} is not an image-to-image (Palette) model: it was trained without a "
@@ -172,7 +176,7 @@ class PalettePipeline(ImagePipeline):
         n = cond["cond_image"].shape[0]
         rep = {k: v.repeat_interleave(samples, dim=0) for k, v in cond.items()}
         total = n * samples
-        spacing = default_spacing(s.sampler, s.steps, self.diffusion.num_steps)
+        spacing = default_spacing(s.sampler, s.steps, self.diffusion.num_steps, self.spacing_rule(s))
         d = self.diffusion.respace(spacing) if spacing else self.diffusion
         per_batch = 1 if self.objective == "regression" else d.num_steps
         kwargs: dict[str, Any] = {"eta": s.eta} if s.sampler == "ddim" else {}

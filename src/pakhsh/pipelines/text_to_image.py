@@ -122,7 +122,9 @@ class TextToImagePipeline:
         m = self.model
         if self.spacing == "scheduler" and m.timestep_spacing is not None and steps is not None:
             return self.diffusion.respace(scheduler_timesteps(m.timestep_spacing, m.steps_offset, T, steps))
-        spacing = default_spacing(settings.sampler, steps, T)
+        # "auto" is uniform here: noise-dense steps were measured on unconditional pixel models only
+        rule = "uniform" if settings.spacing == "auto" else settings.spacing
+        spacing = default_spacing(settings.sampler, steps, T, rule)
         return self.diffusion.respace(spacing) if spacing else self.diffusion
 
     def encode(self, prompts: list[str]) -> TextEmbedding:

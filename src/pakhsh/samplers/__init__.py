@@ -34,16 +34,44 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def default_spacing(sampler: str, steps: int | None, num_train_steps: int) -> str | list[int] | None:
-    """The respacing string for `steps` sampling steps (None = all training steps).
+SpacingName = Literal[
+    "uniform",  # evenly strided over [0, T) with both ends kept: improved-diffusion's "N" ("ddimN" for DDIM)
+    "noise-dense",  # t_i = (T-1)(1 - (1 - i/(N-1))^2): steps crowd towards pure noise, twice the uniform stride
+    # at the data end; where the global layout of an image is decided, a stochastic solver gets more moves
+]
+SPACINGS = ("uniform", "noise-dense")
 
-    DDIM takes the paper's integer-stride "ddimN" spacing (it starts at t = 0); every other sampler (ddpm and the
-    DPM-Solver++ family, ODE or SDE) takes "N", evenly strided over [0, T) with both ends kept.
+
+def noise_dense_steps(steps: int, num_train_steps: int) -> list[int]:
+    """`steps` distinct training steps from 0 to T-1, dense near T-1: t_i = round((T-1)(1 - (1 - i/(N-1))^2)).
+
+    Near T the rounded values collide when N is close to T; walking down from T-1, each step is kept strictly
+    below the one above it. That never goes under i, because (T-1)(1 - (1-u)^2) >= (T-1)u >= i."""
+    if not 2 <= steps <= num_train_steps:
+        raise ValueError(f"noise-dense spacing needs 2 <= steps <= {num_train_steps}, got {steps}")
+    top = num_train_steps - 1
+    ideal = [round(top * (1.0 - (1.0 - i / (steps - 1)) ** 2)) for i in range(steps)]
+    kept = [top]
+    for t in reversed(ideal[:-1]):
+        kept.append(min(t, kept[-1] - 1))
+    return kept[::-1]
+
+
+def default_spacing(sampler: str, steps: int | None, num_train_steps: int,
+                    spacing: str = "uniform") -> str | list[int] | None:
+    """The respacing (a GaussianDiffusion.respace argument) for `steps` sampling steps; None = all training steps.
+
+    Uniform: DDIM takes the paper's integer-stride "ddimN" spacing (it starts at t = 0), every other sampler
+    improved-diffusion's "N", evenly strided over [0, T) with both ends kept. "noise-dense": noise_dense_steps.
     """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
     if steps is None or steps >= num_train_steps:
         return None
     if steps == 1:  # one step from pure noise (t = T-1) to the x_0 prediction; "ddim1" / "1" would start at t = 0
         return [num_train_steps - 1]
+    if spacing == "noise-dense":
+        return noise_dense_steps(steps, num_train_steps)
     return f"ddim{steps}" if sampler == "ddim" else str(steps)
 
 
@@ -68,6 +96,7 @@ def sample(
 
 __all__ = [
     "SAMPLERS",
+    "SPACINGS",
     "Callback",
     "ClassifierFreeGuidance",
     "SamplerStep",
@@ -77,6 +106,7 @@ __all__ = [
     "default_spacing",
     "dpm_solver_pp_2m",
     "interpolate",
+    "noise_dense_steps",
     "sample",
     "sde_dpm_solver_pp_2m",
     "slerp",
