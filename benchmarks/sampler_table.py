@@ -7,7 +7,8 @@ Every row samples `--num` images with one seed (the same starting noise for ever
 with `pakhsh.evaluation.evaluate`, so the numbers are what `pakhsh eval MODEL --sampler S --steps N` prints.
 With --real-floor the table starts with `--num` real images of the held-out test split scored the same way:
 the noise floor of FID and KID at this n (no sampler can be told apart from another below it).
-Writes OUT.json and OUT.md; the figures in docs/results/samplers.md came from this script.
+Writes OUT.json and OUT.md; the figures in docs/results/samplers.md came from this script, and its tables from
+`--from-json` over those files.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def to_markdown(model: str, rows: list[dict], device: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["sampler"] + (f" (eta={r['eta']:g})" if r["sampler"] == "ddim" else "")
-        rel = f"{r['fid'] / ref['fid']:.2f}x" if ref else "-"
+        real = r["steps"] == 0  # the real-image floor row
+        rel = f"{r['fid'] / ref['fid']:.2f}x" if ref and not real else "-"
         steps = r["steps"] or "-"
-        lines.append(f"| {name} | {steps} | {r.get('spacing', 'uniform')} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
+        spacing = "-" if real else r.get("spacing", "uniform")  # rows from before --spacing walked uniform steps
+        lines.append(f"| {name} | {steps} | {spacing} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
                      f"| {rel} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="first score --num real test images: the noise floor of the metrics at this n")
     p.add_argument("--rows-only", action="store_true", help="with --real-floor: the floor row alone, no samplers")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: print only)")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="measure nothing: one table from the rows of these OUT.json files, in order (the device "
+                        "column then says --device)")
     args = p.parse_args(argv)
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())["rows"]]
+        print(to_markdown(args.model, rows, args.device + (", bf16" if args.bf16 else "")))
+        return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
