@@ -10,9 +10,12 @@ import argparse
 import math
 from typing import Any, Callable
 
+from .samplers import SAMPLERS
+from .samplers import SPACINGS as SAMPLER_SPACINGS
+
 DEFAULT_MODEL = "shapes"
-SAMPLER_NAMES = ["ddpm", "ddim", "dpm++2m", "sde-dpm++2m"]  # pakhsh.samplers.SAMPLERS, without importing torch
-SPACINGS = ["auto", "uniform", "noise-dense"]  # "auto" and pakhsh.samplers.SPACINGS
+SAMPLER_NAMES = list(SAMPLERS)
+SPACINGS = ["auto", *SAMPLER_SPACINGS]  # "auto": the pipeline's choice for the sampler (ImagePipeline.AUTO_SPACING)
 
 
 class Parser(argparse.ArgumentParser):
