@@ -53,6 +53,7 @@ def add_unclip_parser(sub: Any) -> None:
                         "outputs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the prior, decoder and upsampler (CPU or GPU)")
     p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the grid (default: 2)")
     p.add_argument("--out", "-o", default="unclip.png", help="grid image; its suffix picks the format "
                                                            "(default: %(default)s)")
@@ -127,7 +128,7 @@ def cmd_unclip(args: argparse.Namespace) -> int:
                               args.decoder_guidance, args.upsampler_steps, args.sampler, args.upsampler_sampler)
     upsampler = None if args.upsampler == "none" else args.upsampler
     prior = args.prior if args.captions else None  # variations and interpolations start from images
-    pipe = UnclipPipeline.from_pretrained(prior, args.decoder, upsampler, device=args.device)
+    pipe = UnclipPipeline.from_pretrained(prior, args.decoder, upsampler, device=args.device, bf16=args.bf16)
     n = args.num
     if args.captions:
         captions = [c for c in args.captions for _ in range(n)]

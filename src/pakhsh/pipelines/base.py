@@ -11,11 +11,13 @@ Every pipeline, `pakhsh info` and `pakhsh eval` go through `resolve_model`, so e
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from ..data import DataConfig
@@ -25,6 +27,14 @@ from ..training.experiment import ExperimentConfig
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 SOURCES = ("auto", "pakhsh", "diffusers", "openai")
 Source = Literal["auto", "pakhsh", "diffusers", "openai"]
+
+
+def sampling_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """The pipelines' `bf16=True`: bf16 autocast on `device` (CPU or GPU) around the network calls; the samplers'
+    own arithmetic on their fp32 tensors stays fp32. A no-op context when bf16 is off."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class ModelSourceError(ValueError):

@@ -35,6 +35,7 @@ from ..diffusion import GaussianDiffusion
 from ..interop.stable_diffusion import LatentDiffusionModel, load_sd_folder
 from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
+from .base import sampling_autocast
 from .unconditional import PipelineOutput, SampleSettings, pick_device, to_pil
 
 Spacing = Literal["scheduler", "pakhsh"]
@@ -148,9 +149,7 @@ class TextToImagePipeline:
         return self.model.latent_channels, height // f, width // f
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return sampling_autocast(self.device, self.bf16)
 
     def _model_fn(self, guidance: float, null: dict[str, torch.Tensor]) -> Any:
         # guidance 1 is the conditional model alone (one UNet pass, as diffusers does for scale <= 1)

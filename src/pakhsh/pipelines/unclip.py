@@ -22,6 +22,7 @@ from ..nets.clip import scale_embedding
 from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
 from ..samplers.common import ImageGenerators
 from ..samplers.editing import slerp
+from .base import sampling_autocast
 
 DEFAULT_PRIOR = "unclip_prior"
 DEFAULT_DECODER = "unclip_decoder"
@@ -122,12 +123,13 @@ def upsample_images(net: Any, diffusion: GaussianDiffusion, cfg: Any, low: Tenso
 class UnclipPipeline:
     """The whole unCLIP system from its checkpoints; see the module docstring. Build with `from_pretrained`."""
 
-    def __init__(self, prior: Any | None, decoder: Any, upsampler: Any | None, device: str | torch.device = "auto"
-                 ) -> None:
+    def __init__(self, prior: Any | None, decoder: Any, upsampler: Any | None, device: str | torch.device = "auto",
+                 bf16: bool = False) -> None:
         from ..conditioning.text import TextEncoder
         from .unconditional import pick_device
 
         self.device = pick_device(device)
+        self.bf16 = bf16  # autocast around the prior, decoder and upsampler networks; CLIP and text encoder in fp32
         self.prior, self.decoder, self.upsampler = prior, decoder, upsampler
         du = decoder.config.unclip
         if du is None or decoder.config.objective != "diffusion":
@@ -158,7 +160,7 @@ class UnclipPipeline:
     @classmethod
     def from_pretrained(cls, prior: str | Path | None = DEFAULT_PRIOR, decoder: str | Path = DEFAULT_DECODER,
                         upsampler: str | Path | None = DEFAULT_UPSAMPLER, *, device: str | torch.device = "auto",
-                        ema: bool = True) -> "UnclipPipeline":
+                        ema: bool = True, bf16: bool = False) -> "UnclipPipeline":
         """Shipped names, run folders or checkpoints of each stage (prior None: variations and interpolations
         only; upsampler None: stop at the decoder's size)."""
         from ..training.checkpoint import load_model, resolve_checkpoint
@@ -172,7 +174,7 @@ class UnclipPipeline:
             return load_model(resolve_checkpoint(path), ema=ema)
 
         return cls(load(prior, "prior") if prior is not None else None, load(decoder, "decoder"),
-                   load(upsampler, "upsampler") if upsampler is not None else None, device)
+                   load(upsampler, "upsampler") if upsampler is not None else None, device, bf16)
 
     # ------------------------------------------------------------------ embeddings
     @property
@@ -227,8 +229,9 @@ class UnclipPipeline:
         cond = {"text_embed": rep(text_emb), "context": rep(tokens), "context_mask": rep(mask)}
         fn = _guided(self.prior_net, s.prior_guidance, {key: null[key] for key in cond})
         d = chain(self.prior_diffusion, s.sampler, s.prior_steps)
-        z = _run(d, fn, gens.randn(e).to(self.device), cond, gens, s.sampler, False)
-        z = scale_embedding(z).reshape(n, k, e)
+        with sampling_autocast(self.device, self.bf16):
+            z = _run(d, fn, gens.randn(e).to(self.device), cond, gens, s.sampler, False)
+        z = scale_embedding(z.float()).reshape(n, k, e)
         best = (z * text_emb[:, None]).sum(-1).argmax(1)  # (N,)
         return z[torch.arange(n), best]
 
@@ -244,9 +247,10 @@ class UnclipPipeline:
         null = self.null() if self.decoder_captions else None
         if captions is not None and self.decoder_captions:
             context = self._text(list(captions))
-        x = decode_embeddings(self.decoder_net, self.decoder_diffusion, image_embed, seed=seed,
-                              guidance=s.decoder_guidance, steps=s.decoder_steps, sampler=s.sampler,
-                              context=context, null_context=null, first_index=first_index, x_T=x_T)
+        with sampling_autocast(self.device, self.bf16):
+            x = decode_embeddings(self.decoder_net, self.decoder_diffusion, image_embed, seed=seed,
+                                  guidance=s.decoder_guidance, steps=s.decoder_steps, sampler=s.sampler,
+                                  context=context, null_context=null, first_index=first_index, x_T=x_T)
         if upsample and self.upsampler is not None:
             x = self.upsample(x, s, seed=seed, first_index=first_index)
         return x
@@ -258,9 +262,10 @@ class UnclipPipeline:
         if self.upsampler is None:
             raise ValueError("no upsampler loaded")
         s = settings or UnclipSettings()
-        return upsample_images(self.upsampler_net, self.upsampler_diffusion, self.upsampler.config, low,
-                               steps=s.upsampler_steps, sampler=s.upsampler_sampler, seed=seed,
-                               first_index=first_index)
+        with sampling_autocast(self.device, self.bf16):
+            return upsample_images(self.upsampler_net, self.upsampler_diffusion, self.upsampler.config, low,
+                                   steps=s.upsampler_steps, sampler=s.upsampler_sampler, seed=seed,
+                                   first_index=first_index)
 
     def generate(self, captions: Sequence[str], settings: UnclipSettings | None = None, *, seed: int = 0,
                  upsample: bool = True, progress: bool = True, batch_size: int = 16) -> Tensor:

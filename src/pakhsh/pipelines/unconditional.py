@@ -20,7 +20,7 @@ from ..samplers import SAMPLERS, SPACINGS, ClassifierFreeGuidance, default_spaci
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from ..training.checkpoint import LoadedModel
 from ..training.experiment import ExperimentConfig
-from .base import ResolvedModel, Source, resolve_model, resolve_model_path, shipped_models
+from .base import ResolvedModel, Source, resolve_model, resolve_model_path, sampling_autocast, shipped_models
 
 __all__ = ["ImagePipeline", "PipelineOutput", "SampleSettings", "pick_device", "resolve_model_path", "shipped_models"]
 
@@ -231,9 +231,7 @@ class ImagePipeline:
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return sampling_autocast(self.device, self.bf16)
 
     def _model_fn(self, guidance: float) -> Any:
         null = self.loaded.null_class
