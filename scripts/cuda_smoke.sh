@@ -136,6 +136,6 @@ done
 failed=()
 for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("${names[$i]}"); done
 for n in "${names[@]}"; do echo "== $n"; cat "$W/part_$n.txt"; done
-steps=$(cat "$W"/part_*.txt | grep -c '^SMOKE OK' || true)
+steps=0; for n in "${names[@]}"; do steps=$((steps + $(grep -c '^SMOKE OK' "$W/part_$n.txt" || true))); done
 if [ ${#failed[@]} -gt 0 ]; then echo "SMOKE FAILED: ${failed[*]} on $DEVICE ($W)"; exit 1; fi
 echo "SMOKE PASSED: $steps steps, parts '$PARTS' in fp32 and bf16 on $DEVICE, $((SECONDS - T0)) s ($W)"
