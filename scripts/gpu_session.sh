@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session (about 8 minutes on an H100/H200): the data-path throughput check, the CUDA smoke run, and the
 # retraining of both shipped models (side by side, until a time budget, then SIGTERM saves them), followed by
-# their sampler tables at n = 1,000. Its first two parts ran on an H200 (docs/benchmarks.md);
-# the retraining and the GPU tables are still to run (docs/results/samplers.md).
+# their sampler tables at n = 1,000. Its first two parts ran on an H200 (docs/benchmarks.md), and the GPU tables
+# of the shipped weights (docs/results/samplers.md); the retraining is still to run.
 #     OUT=/path/for/results TRAIN_SECONDS=270 bash scripts/gpu_session.sh
 # Fashion-MNIST is read from /usr/share/datasets/fashion-mnist, or copied there from .gpu_data/fashion-mnist.
 set -uo pipefail
