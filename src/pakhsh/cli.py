@@ -555,7 +555,7 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
 def _check_before_work(args: argparse.Namespace) -> None:
     """Checks that need no model (device, input images, output paths): they fail before anything is computed."""
     if getattr(args, "device", None) is not None:
-        from .pipelines.unconditional import pick_device
+        from .pipelines.base import pick_device
 
         pick_device(args.device, "--device")
     for attr in ("image", "image_a", "image_b"):

@@ -260,7 +260,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .imageio import save_grid
     from .metrics.restoration import psnr, ssim
-    from .pipelines.unconditional import pick_device
+    from .pipelines.base import pick_device
     from .training.autoencoder import load_autoencoder
 
     ae, folder = load_autoencoder(args.model)

@@ -352,7 +352,7 @@ def _reference_config(cfg: EvalConfig, dataset: str, pipe: Any, extractor: Featu
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Sample (checkpoint) or read (folder) images, extract features, compare with the cached reference."""
     from pakhsh.pipelines import ImagePipeline
-    from pakhsh.pipelines.unconditional import pick_device
+    from pakhsh.pipelines.base import pick_device
 
     start = time.perf_counter()
     unknown = set(cfg.metrics) - set(ALL_METRICS)

@@ -7,6 +7,8 @@ SPEC is one of
     gives the diffusion (betas, prediction type, variance, clipping),
   - an openai/improved-diffusion or guided-diffusion `.pt` state dict, with the flags it was trained with.
 Every pipeline, `pakhsh info` and `pakhsh eval` go through `resolve_model`, so each accepts all of them.
+The pipelines' device and precision choice live here too: `pick_device` ("auto", "cuda:1", ... with one-line
+errors) and `sampling_autocast` (their `bf16=True`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,33 @@ from ..training.experiment import ExperimentConfig
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 SOURCES = ("auto", "pakhsh", "diffusers", "openai")
 Source = Literal["auto", "pakhsh", "diffusers", "openai"]
+
+
+def pick_device(device: str | torch.device = "auto", name: str = "device") -> torch.device:
+    """The one place device strings are resolved: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N",
+    "mps", ... A device this PyTorch build or machine lacks raises ValueError with advice here, instead of an
+    AssertionError deep inside `.to()`. `name` is how messages refer to the setting (the CLI passes "--device")."""
+    spec = str(device).strip()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        _check_cuda(dev, name)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {spec}: MPS is not available here; use {name} cpu or auto")
+    return dev
+
+
+def _check_cuda(dev: torch.device, name: str) -> None:
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{name} {dev}: {why} (torch.cuda.is_available() is False); use {name} cpu or auto")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{name} {dev}: there are {count} CUDA device(s) here: use cuda:0 .. cuda:{count - 1}")
 
 
 def sampling_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

@@ -35,8 +35,8 @@ from ..diffusion import GaussianDiffusion
 from ..interop.stable_diffusion import LatentDiffusionModel, load_sd_folder
 from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
-from .base import sampling_autocast
-from .unconditional import PipelineOutput, SampleSettings, pick_device, to_pil
+from .base import pick_device, sampling_autocast
+from .unconditional import PipelineOutput, SampleSettings, to_pil
 
 Spacing = Literal["scheduler", "pakhsh"]
 DEFAULT_MODEL = "t2i"  # the shipped text-to-image model (shapes scenes, 64x64, MiniLM prompts)

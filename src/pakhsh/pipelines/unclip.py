@@ -22,7 +22,7 @@ from ..nets.clip import scale_embedding
 from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
 from ..samplers.common import ImageGenerators
 from ..samplers.editing import slerp
-from .base import sampling_autocast
+from .base import pick_device, sampling_autocast
 
 DEFAULT_PRIOR = "unclip_prior"
 DEFAULT_DECODER = "unclip_decoder"
@@ -126,7 +126,6 @@ class UnclipPipeline:
     def __init__(self, prior: Any | None, decoder: Any, upsampler: Any | None, device: str | torch.device = "auto",
                  bf16: bool = False) -> None:
         from ..conditioning.text import TextEncoder
-        from .unconditional import pick_device
 
         self.device = pick_device(device)
         self.bf16 = bf16  # autocast around the prior, decoder and upsampler networks; CLIP and text encoder in fp32

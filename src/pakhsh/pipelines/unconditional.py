@@ -20,36 +20,10 @@ from ..samplers import SAMPLERS, SPACINGS, ClassifierFreeGuidance, default_spaci
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from ..training.checkpoint import LoadedModel
 from ..training.experiment import ExperimentConfig
-from .base import ResolvedModel, Source, resolve_model, resolve_model_path, sampling_autocast, shipped_models
+from .base import ResolvedModel, Source, pick_device, resolve_model, resolve_model_path, sampling_autocast, \
+    shipped_models
 
-__all__ = ["ImagePipeline", "PipelineOutput", "SampleSettings", "pick_device", "resolve_model_path", "shipped_models"]
-
-
-def pick_device(device: str | torch.device = "auto", name: str = "device") -> torch.device:
-    """The one place device strings are resolved: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N",
-    "mps", ... A device this PyTorch build or machine lacks raises ValueError with advice here, instead of an
-    AssertionError deep inside `.to()`. `name` is how messages refer to the setting (the CLI passes "--device")."""
-    spec = str(device).strip()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{name} {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        _check_cuda(dev, name)
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{name} {spec}: MPS is not available here; use {name} cpu or auto")
-    return dev
-
-
-def _check_cuda(dev: torch.device, name: str) -> None:
-    if not torch.cuda.is_available():
-        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"{name} {dev}: {why} (torch.cuda.is_available() is False); use {name} cpu or auto")
-    count = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= count:
-        raise ValueError(f"{name} {dev}: there are {count} CUDA device(s) here: use cuda:0 .. cuda:{count - 1}")
+__all__ = ["ImagePipeline", "PipelineOutput", "SampleSettings", "resolve_model_path", "shipped_models"]
 
 
 def unclip_part(cfg: ExperimentConfig) -> str:
