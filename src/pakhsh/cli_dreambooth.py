@@ -116,7 +116,7 @@ def check_dreambooth_args(args: argparse.Namespace) -> None:
                          f"{args.prior_weight:g}) needs at least 1 class image; --prior-weight 0 trains without")
     if args.subject != DEMO:
         check_subject_folder(Path(args.subject))
-    from .training.dreambooth import read_base_config
+    from .training.dreambooth_base import read_base_config
 
     read_base_config(args.model)
 
@@ -193,7 +193,7 @@ def dreambooth_run_config(args: argparse.Namespace) -> Any:
 
 def cmd_dreambooth(args: argparse.Namespace) -> int:
     from .training.distributed import fit_run
-    from .training.dreambooth import save_lora
+    from .training.dreambooth_base import save_lora
 
     cfg = dreambooth_run_config(args)
     result = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

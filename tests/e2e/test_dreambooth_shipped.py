@@ -30,7 +30,7 @@ def _crops(x: torch.Tensor, cell: str) -> torch.Tensor:
 
 def test_shipped_demo_is_a_dreambooth_model_on_the_shipped_t2i() -> None:
     from pakhsh.training.checkpoint import load_model, read_tensors
-    from pakhsh.training.dreambooth import base_folder, weights_fingerprint
+    from pakhsh.training.dreambooth_base import base_folder, weights_fingerprint
 
     assert model_kind("dreambooth_demo") == "latent"
     cfg = load_model(resolve_model_path("dreambooth_demo")).config

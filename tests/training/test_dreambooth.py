@@ -23,15 +23,9 @@ from pakhsh.data.builtin.subject import DEMO_PLACES, demo_subject, write_demo_su
 from pakhsh.diffusion import training_losses
 from pakhsh.training import Trainer
 from pakhsh.training.checkpoint import load_model, read_config
-from pakhsh.training.dreambooth import (
-    DreamBoothError,
-    class_images,
-    dreambooth_config,
-    dreambooth_losses,
-    load_base_unet,
-    load_lora,
-    token_notice,
-)
+from pakhsh.training.dreambooth import dreambooth_config, dreambooth_losses
+from pakhsh.training.dreambooth_base import DreamBoothError, load_base_unet, load_lora
+from pakhsh.training.dreambooth_data import class_images, token_notice
 from pakhsh.training.experiment import DreamBoothConfig
 from pakhsh.training.lora import LORA_FILE, is_lora_key
 from pakhsh.training.loader import GlobalBatchSampler, make_loader
@@ -372,7 +366,8 @@ def test_demo_subject_is_deterministic_and_captioned(tmp_path: Path) -> None:
 
 
 def test_token_must_be_a_word_the_base_never_saw(base: Path, subject: Path, tmp_path: Path) -> None:
-    from pakhsh.training.dreambooth import check_token, read_base_config
+    from pakhsh.training.dreambooth_base import read_base_config
+    from pakhsh.training.dreambooth_data import check_token
 
     with pytest.raises(DreamBoothError, match="--token red: the base was trained on captions using that word"):
         check_token(DreamBoothConfig(token="red"), read_base_config(str(base))[0])

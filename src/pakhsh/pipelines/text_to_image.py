@@ -98,7 +98,7 @@ class TextToImagePipeline:
         folder = resolve_model_path(path)
         if (folder / "model_index.json").is_file():
             return cls(load_sd_folder(folder), device, bf16, spacing)
-        from ..training.dreambooth import is_lora_folder, load_lora_model
+        from ..training.dreambooth_base import is_lora_folder, load_lora_model
 
         if is_lora_folder(folder):  # DreamBooth LoRA adapters (RUN/lora): the base they name + the adapters
             return cls(load_lora_model(folder), device, bf16, spacing)
@@ -185,7 +185,7 @@ class TextToImagePipeline:
         texts = _prompt_list(prompts, "prompts")
         n = len(texts)
         if self.model.config is not None and self.model.config.dreambooth is not None:
-            from ..training.dreambooth import token_notice
+            from ..training.dreambooth_data import token_notice
 
             if notice := token_notice(self.model.config, texts):  # the identifier names the subject
                 warnings.warn(notice, stacklevel=2)

@@ -6,11 +6,12 @@ looks like and what the class noun means (prior preservation):
 
     L = E[ |eps - eps_theta(z_t, t, c_subject)|^2 ] + lambda * E[ |eps' - eps_theta(z'_t', t', c_class)|^2 ]
 
-(with the base's own prediction target, v here). What this module holds, and why:
+(with the base's own prediction target, v here). What DreamBooth is made of, where, and why:
 
 - the run's config (`dreambooth_config`): the base's net, diffusion, autoencoder and text encoder unchanged, the
   subject folder as data, a `dreambooth` section; `pakhsh dreambooth` builds it, `Trainer` runs it like any run;
-- the class images (`class_images`): generated with the frozen base from the class prompts, image i from its own
+- the class images (`class_images`, in `training/dreambooth_data.py` with the subject's prompts and the notices
+  about them): generated with the frozen base from the class prompts, image i from its own
   seed, and cached under the pakhsh cache keyed by the base's weights, the prompts, the count and the sampling
   settings, so a resume or a second run with the same base does not generate them again. The class prompts are
   the subject prompts with the identifier taken out (the paper's "a [V] dog" -> "a dog"), so a subject captioned
@@ -23,7 +24,8 @@ looks like and what the class noun means (prior preservation):
   half takes the trainer's t, the class half t' = floor(u * T) from the item's third uniform draw, so both halves
   have independent uniform steps and resume stays exact. Segmentation map and layout (the base may take them) get
   their nulls: subject photos come without either;
-- LoRA (Hu et al. 2021, `training/lora.py`): rank-r adapters on every attention projection of the UNet, the
+- LoRA (Hu et al. 2021, `training/lora.py`; the base and the adapters' files in `training/dreambooth_base.py`):
+  rank-r adapters on every attention projection of the UNet, the
   rest frozen. A LoRA run's checkpoints hold the whole net (base + adapters, so they load and resume like any
   run); `save_lora` writes the adapters alone in diffusers' layout beside `adapter_config.json` and
   `pakhsh_lora.json` (which base they belong to); `load_lora` puts them into a fresh base.
@@ -40,10 +42,7 @@ trainer's optimizer, EMA, checkpoints and resume carry it; subject prompts then 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import replace
@@ -55,226 +54,23 @@ from torch import Tensor, nn
 
 from ..diffusion import GaussianDiffusion, training_losses
 from ..diffusion.losses import LossTerms
-from .experiment import DreamBoothConfig, ExperimentConfig, has_word
-from .learnt_token import TOKEN_PARAM, encode_with_token, piece_ids, token_pieces, with_learnt_token
-from .lora import (
-    LORA_FILE,
-    base_key,
-    inject_lora,
-    is_lora_key,
-    lora_from_diffusers,
-    lora_to_diffusers,
-    lora_weights,
-    set_lora_weights,
+from .dreambooth_base import (
+    DreamBoothError,
+    base_autoencoder,
+    load_base_into,
+    load_base_unet,
+    read_base_config,
+    weights_fingerprint,
 )
+from .dreambooth_data import check_token, class_image_prompts, class_images, class_noun_notice, subject_prompts
+from .experiment import DreamBoothConfig, ExperimentConfig
+from .learnt_token import TOKEN_PARAM, encode_with_token, piece_ids, token_pieces, with_learnt_token
 
 CHUNK = 64  # images / prompts per encoder call while encoding (fixed: cached values depend on it)
-PAKHSH_LORA = "pakhsh_lora.json"
-LORA_FOLDER = "lora"  # a LoRA run writes its adapters to RUN/lora when it ends
-TOKEN_FILE = "token_embedding.safetensors"  # ... beside the adapters of a LoRA folder
-
-
-class DreamBoothError(ValueError):
-    """A DreamBooth input that cannot be used (base, subject images, prompts, adapters); the message names it."""
 
 
 class DreamBoothTerms(LossTerms):
     """LossTerms with the two halves of the objective attached (`parts`), which the trainer logs."""
-
-
-# ---------------------------------------------------------------------------------------------- the base
-def weights_fingerprint(*states: dict[str, Tensor]) -> str:
-    """A short hash of weights: the same fingerprint = the same frozen base (class images are cached by it)."""
-    h = hashlib.sha256()
-    for state in states:
-        for name, t in sorted(state.items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def base_folder(spec: str) -> Path:
-    """The checkpoint folder of a base spec (shipped name, run, checkpoint or exported folder)."""
-    from ..pipelines.base import resolve_model_path
-    from .checkpoint import resolve_checkpoint
-
-    try:
-        return resolve_checkpoint(resolve_model_path(spec))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--model {spec}: no such folder or shipped model (the base: a latent text-to-image "
-                                "model, e.g. the shipped t2i)") from None
-
-
-def read_base_config(spec: str) -> tuple[ExperimentConfig, Path]:
-    """The base's config and folder; refuses what DreamBooth cannot fine-tune, naming it."""
-    from .checkpoint import read_config
-
-    folder = base_folder(spec)
-    cfg = read_config(folder)
-    if not cfg.is_latent or cfg.condition is None or cfg.condition.text is None or cfg.is_unclip:
-        raise DreamBoothError(f"--model {spec}: {folder} is not a latent text-to-image model (DreamBooth fine-tunes "
-                              "one, e.g. the shipped t2i)")
-    if cfg.model.num_classes is not None:
-        raise DreamBoothError(f"--model {spec}: class-conditional latent models are not supported")
-    if cfg.dreambooth is not None and cfg.dreambooth.lora_rank is not None:
-        raise DreamBoothError(f"--model {spec}: a LoRA DreamBooth run cannot be a base; start from its base "
-                              f"({cfg.dreambooth.base}) or from a full fine-tune")
-    if not (folder / "autoencoder.safetensors").is_file():
-        raise DreamBoothError(f"--model {spec}: {folder} lacks autoencoder.safetensors (a latent model carries its "
-                              "autoencoder)")
-    return cfg, folder
-
-
-def load_base_unet(folder: Path) -> dict[str, Tensor]:
-    """The base UNet's EMA weights (what the run starts from and what the class images come from)."""
-    from .checkpoint import load_model
-
-    return {k: v.detach().clone() for k, v in load_model(folder, ema=True).model.state_dict().items()}
-
-
-def _autoencoder(cfg: ExperimentConfig, folder: Path) -> nn.Module:
-    from ..nets.autoencoder import build_autoencoder
-    from .checkpoint import check_fits, read_tensors
-
-    assert cfg.latent is not None and cfg.latent.autoencoder_config is not None
-    ae = build_autoencoder(cfg.latent.autoencoder_config, cfg.latent.autoencoder)
-    state = read_tensors(folder / "autoencoder.safetensors")
-    check_fits(ae, state, folder / "autoencoder.safetensors")
-    ae.load_state_dict(state)
-    return ae.eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------- LoRA
-def build_dreambooth_net(cfg: ExperimentConfig) -> nn.Module:
-    """The net of a DreamBooth run: the base's UNet, with LoRA adapters when dreambooth.lora_rank is set, and with
-    dreambooth.train_token one more parameter, `dreambooth_token` (pieces, width): the identifier's learnt input
-    embedding, kept on the UNet so that the trainer's optimizer, EMA and checkpoints carry it like any weight."""
-    from ..nets.unet import UNet
-
-    net = UNet(cfg.model)
-    db = cfg.dreambooth
-    if db is not None and db.lora_rank is not None:
-        inject_lora(net, db.lora_rank, db.lora_alpha)
-    if db is not None and db.train_token:
-        if not db.token_pieces or cfg.model.context_dim is None:
-            raise DreamBoothError("dreambooth.train_token: dreambooth.token_pieces is unset (filled when the run "
-                                  "starts) or the UNet takes no text")
-        net.register_parameter(TOKEN_PARAM, nn.Parameter(torch.zeros(len(db.token_pieces), cfg.model.context_dim)))
-    return net
-
-
-def is_own_key(key: str) -> bool:
-    """A weight a DreamBooth net has and its base has not: LoRA adapters, the learnt token embedding."""
-    return is_lora_key(key) or key == TOKEN_PARAM
-
-
-def load_base_into(net: nn.Module, base: dict[str, Tensor]) -> None:
-    """Copy the base UNet's weights into `net` (plain or LoRA-wrapped); the adapters keep their initial values."""
-    own = net.state_dict()
-    wanted = {k: base_key(k) for k in own if not is_own_key(k)}
-    missing = sorted(v for v in wanted.values() if v not in base)
-    extra = sorted(set(base) - set(wanted.values()))
-    if missing or extra:
-        raise DreamBoothError(f"the base's weights do not fit the run's UNet: missing {missing[:3]}, extra "
-                              f"{extra[:3]}")
-    with torch.no_grad():
-        for k, b in wanted.items():
-            own[k].copy_(base[b])
-
-
-def save_lora(run: str | Path, out: str | Path | None = None, *, ema: bool = True) -> Path:
-    """Write a LoRA run's adapters (EMA weights of its newest checkpoint) as a diffusers LoRA folder: `LORA_FILE`
-    (keys `unet.<diffusers module>.lora_A/B.weight`, scale folded into B), `adapter_config.json` (peft's
-    LoraConfig, lora_alpha = r) and `pakhsh_lora.json` (the base, its fingerprint, the token and class noun, and
-    the run's config, so `load_lora` can rebuild the model). Default `out`: RUN/lora."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from ..config import to_dict
-    from .checkpoint import load_model
-
-    loaded = load_model(run, ema=ema)
-    db = loaded.config.dreambooth
-    if db is None or db.lora_rank is None:
-        raise DreamBoothError(f"{loaded.path} is not a LoRA DreamBooth run (dreambooth.lora_rank is unset)")
-    folder = Path(out) if out is not None else Path(run) / LORA_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    theirs = lora_to_diffusers(loaded.model, lora_weights(loaded.model))
-    tmp = folder / f".{LORA_FILE}.tmp"
-    save_file(theirs, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / LORA_FILE)
-    parts = sorted({k.split(".transformer_blocks.", 1)[1].split(".", 1)[1].rsplit(".lora_", 1)[0]
-                    for k in theirs})
-    LoraConfig(r=db.lora_rank, lora_alpha=db.lora_rank, target_modules=parts, lora_dropout=0.0,
-               bias="none").save_pretrained(str(folder))
-    if db.train_token:  # the identifier's learnt input embedding travels with the adapters
-        save_file({TOKEN_PARAM: getattr(loaded.model, TOKEN_PARAM).detach().cpu().contiguous()},
-                  str(folder / TOKEN_FILE))
-    info = {"base": db.base, "base_fingerprint": db.base_fingerprint, "token": db.token, "class_noun": db.class_noun,
-            "instance_prompt": db.instance, "source": str(loaded.path), "config": to_dict(loaded.config)}
-    (folder / PAKHSH_LORA).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-def is_lora_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / PAKHSH_LORA).is_file() and (p / LORA_FILE).is_file()
-
-
-def load_lora(folder: str | Path, base: str | None = None) -> tuple[nn.Module, ExperimentConfig]:
-    """A fresh base UNet (its EMA weights) with the adapters of a `save_lora` folder: (net in eval mode, the run's
-    config). `base` overrides the base the folder names; its fingerprint must match the one trained on."""
-    from ..config import from_dict
-    from .checkpoint import read_tensors
-
-    folder = Path(folder)
-    try:
-        info = json.loads((folder / PAKHSH_LORA).read_text())
-        cfg = from_dict(ExperimentConfig, info["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DreamBoothError(f"{folder / PAKHSH_LORA} is unreadable: {e}") from None
-    db = cfg.dreambooth
-    if db is None or db.lora_rank is None:
-        raise DreamBoothError(f"{folder / PAKHSH_LORA}: its config is not a LoRA DreamBooth run")
-    spec = base if base is not None else db.base
-    base_cfg, bfolder = read_base_config(spec)
-    state = load_base_unet(bfolder)
-    found = weights_fingerprint(state, read_tensors(bfolder / "autoencoder.safetensors"))
-    if db.base_fingerprint is not None and found != db.base_fingerprint:
-        raise DreamBoothError(f"{folder}: the adapters were trained on a base with fingerprint {db.base_fingerprint}; "
-                              f"{spec} ({bfolder}) has {found}")
-    net = build_dreambooth_net(cfg)
-    load_base_into(net, state)
-    set_lora_weights(net, lora_from_diffusers(net, read_tensors(folder / LORA_FILE), str(folder / LORA_FILE)),
-                     str(folder / LORA_FILE))
-    if db.train_token:
-        learnt = read_tensors(folder / TOKEN_FILE).get(TOKEN_PARAM)
-        own = getattr(net, TOKEN_PARAM)
-        if learnt is None or learnt.shape != own.shape:
-            raise DreamBoothError(f"{folder / TOKEN_FILE}: no {TOKEN_PARAM} of shape {tuple(own.shape)}")
-        with torch.no_grad():
-            own.copy_(learnt)
-    return net.eval(), cfg
-
-
-def load_lora_model(folder: str | Path, base: str | None = None) -> Any:
-    """A `save_lora` folder as the text-to-image pipeline's bundle: the base's autoencoder and text encoder, its UNet
-    with the adapters (what `pakhsh generate -m RUN/lora` runs)."""
-    from ..conditioning.text import TextEncoder
-    from ..interop.stable_diffusion import LatentDiffusionModel
-    from ..nets.autoencoder import build_autoencoder
-    from .checkpoint import read_tensors
-
-    net, cfg = load_lora(folder, base)
-    _, bfolder = read_base_config(base if base is not None else cfg.dreambooth.base)
-    lat = cfg.latent
-    assert lat is not None and lat.autoencoder_config is not None and cfg.condition is not None
-    vae = build_autoencoder(replace(lat.autoencoder_config, scaling_factor=lat.scale_factor), lat.autoencoder)
-    vae.load_state_dict(read_tensors(bfolder / "autoencoder.safetensors"))
-    m = cfg.model
-    text = with_learnt_token(TextEncoder(cfg.condition.text), cfg, net)
-    return LatentDiffusionModel(net, vae.eval(), text, cfg.diffusion, (m.image_size, m.image_size),
-                                clip_denoised=False, path=Path(folder), config=cfg)
 
 
 # ---------------------------------------------------------------------------------------------- the token embedding
@@ -320,113 +116,6 @@ def dreambooth_config(base: str, subject: str | Path, out: str | Path, db: Dream
     if overrides:
         cfg = from_dict(ExperimentConfig, apply_overrides(to_dict(cfg), overrides))
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------- prompts, token
-def _shapes_words() -> set[str]:
-    from ..data.builtin.shapes import _POSITION_PHRASES, COLOR_NAMES, SHAPES, SIZES
-
-    words = {"a", "an", "and", "on", "background", *SHAPES, *COLOR_NAMES, *SIZES}
-    for phrase in _POSITION_PHRASES:
-        words.update(phrase.split())
-    return words
-
-
-def check_token(db: DreamBoothConfig, base_cfg: ExperimentConfig) -> None:
-    """The identifier must be a word the base does not already use: a shapes base knows its caption words."""
-    if base_cfg.data.name == "shapes" and db.token.lower() in _shapes_words():
-        raise DreamBoothError(f"--token {db.token}: the base was trained on captions using that word; pick a rare "
-                              "word it never saw, e.g. sks")
-
-
-def subject_prompts(dataset: Any, db: DreamBoothConfig, root: str | None = None) -> list[str]:
-    """Each subject image's prompt: its own caption (NAME.txt / captions.jsonl) where it has one, else the instance
-    prompt. A caption without the token is an error naming the file: the subject would be learnt without its
-    identifier, i.e. as the plain class."""
-    captions = getattr(dataset, "captions", None)
-    paths = getattr(dataset, "paths", None)
-    out = []
-    for i in range(len(dataset)):
-        text = captions[i] if captions is not None and captions[i].strip() else db.instance
-        if not has_word(text, db.token):
-            where = str(paths[i]) if paths is not None else f"subject image {i}"
-            raise DreamBoothError(f"{where}: its caption {text!r} lacks the token {db.token!r}; write the identifier "
-                                  f"into every caption (e.g. \"a {db.token} {db.class_noun} ...\")")
-        out.append(text)
-    return out
-
-
-def class_noun_notice(prompts: list[str], noun: str, what: str) -> str | None:
-    """A notice naming the prompts that lack the class noun (the paper pairs the identifier with it: without it the
-    model must tie the subject's whole appearance to the rare token alone)."""
-    lacking = [p for p in dict.fromkeys(prompts) if not has_word(p, noun)]
-    if not lacking:
-        return None
-    shown = "; ".join(repr(p) for p in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
-    return f"{what} lacks the class noun {noun!r}: {shown}"
-
-
-def token_notice(cfg: ExperimentConfig | None, prompts: list[str]) -> str | None:
-    """For `pakhsh generate` with a DreamBooth model: prompts that do not name the subject's identifier draw the plain
-    class, which is allowed but usually not what was meant."""
-    db = getattr(cfg, "dreambooth", None)
-    if db is None:
-        return None
-    lacking = list(dict.fromkeys(p for p in prompts if p and not has_word(p, db.token)))
-    if not lacking:
-        return None
-    shown = "; ".join(repr(p) for p in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
-    return (f"{shown} lack{'s' * (len(lacking) == 1)} the identifier {db.token!r} this model learnt its subject "
-            f"under, so {'it draws' if len(lacking) == 1 else 'they draw'} the plain class (the subject: "
-            f"\"{db.instance} ...\")")
-
-
-# ---------------------------------------------------------------------------------------------- class images
-def class_cache_key(fingerprint: str, db: DreamBoothConfig, prompts: list[str], image_size: int) -> str:
-    return hashlib.sha256(json.dumps([fingerprint, prompts, db.class_images, db.class_seed, db.class_steps,
-                                      db.class_guidance, image_size, "ddim"]).encode()).hexdigest()[:24]
-
-
-def class_image_prompts(prompts: list[str], count: int) -> list[str]:
-    """Class image i's prompt: prompts[i mod P] (so K a multiple of S pairs each subject image, item j -> subject
-    j mod S and class j mod K, with class images of its own prompt)."""
-    return [prompts[i % len(prompts)] for i in range(count)]
-
-
-def class_images(model: Any, db: DreamBoothConfig, prompts: list[str], fingerprint: str, image_size: int,
-                 device: torch.device, progress: bool = True) -> tuple[Tensor, bool]:
-    """(uint8 (K, 3, H, W) class images, whether they came from the cache). Image i is the frozen base's DDIM
-    sample of class_image_prompts(prompts)[i] from noise seeded by (class_seed, i); the set is cached under the
-    pakhsh cache, keyed by the base's fingerprint, the prompts, the count and the sampling settings (a damaged file
-    is redone)."""
-    from safetensors.torch import load_file, save_file
-
-    from ..config import cache_root
-    from ..pipelines.text_to_image import TextToImagePipeline
-    from ..pipelines.unconditional import SampleSettings
-
-    path = cache_root() / "dreambooth" / f"class_{class_cache_key(fingerprint, db, prompts, image_size)}.safetensors"
-    if path.is_file():
-        try:
-            found = load_file(str(path))["images"]
-            if found.shape[0] == db.class_images and found.dtype == torch.uint8:
-                return found, True
-        except Exception:  # a damaged cache file is regenerated, never trusted
-            pass
-    pipe = TextToImagePipeline(model, device=device, spacing="pakhsh")
-    settings = SampleSettings("ddim", db.class_steps, guidance=db.class_guidance)
-    x = pipe.generate(class_image_prompts(prompts, db.class_images), None, settings, seed=db.class_seed,
-                      batch_size=16, progress=progress)
-    images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        save_file({"images": images}, str(tmp), metadata={"prompts": json.dumps(prompts),
-                                                            "base_fingerprint": fingerprint})
-        os.replace(tmp, path)
-    except OSError:  # a read-only or full cache only costs the next run this generation
-        pass
-    return images, False
 
 
 # ---------------------------------------------------------------------------------------------- the system
@@ -660,7 +349,7 @@ def start_dreambooth_system(cfg: ExperimentConfig, dataset: Any, device: torch.d
     if db.uses_prior and (notice := class_noun_notice(class_prompts, db.class_noun, "the class prompt")):
         warnings.warn(notice, stacklevel=2)
     base = load_base_unet(folder)
-    autoencoder = _autoencoder(base_cfg, folder)
+    autoencoder = base_autoencoder(base_cfg, folder)
     fingerprint = weights_fingerprint(base, autoencoder.state_dict())
     if checkpoint is not None:
         saved = read_config(checkpoint).dreambooth

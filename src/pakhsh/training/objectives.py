@@ -59,7 +59,7 @@ def build_net(cfg: ExperimentConfig) -> nn.Module:
 
         return DiffusionPrior(cfg.prior)
     if cfg.dreambooth is not None:  # the base's UNet, with LoRA adapters when dreambooth.lora_rank is set
-        from .dreambooth import build_dreambooth_net
+        from .dreambooth_base import build_dreambooth_net
 
         return build_dreambooth_net(cfg)
     from ..nets.unet import UNet
