@@ -244,3 +244,18 @@ def test_threads_flag_is_applied_and_quiet_unless_verbose(uncond: Path, tmp_path
     assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
     assert main(["--threads", "2", "-v", *args]) == 0
     assert "using 2 CPU thread(s) (--threads)" in capsys.readouterr().err
+
+
+def test_every_command_that_samples_on_a_device_offers_bf16() -> None:
+    """--device and --bf16 go together: a command that runs a diffusion model on a chosen device offers bf16
+    autocast too (unclip lacked it until the GPU smoke run asked for it). reconstruct, an autoencoder round trip
+    without diffusion, is the one exception; training commands set train.mixed_precision instead."""
+    import argparse
+
+    from pakhsh.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_device = {name for name, p in sub.choices.items() if "--device" in p._option_string_actions}
+    without_bf16 = {name for name in with_device if "--bf16" not in sub.choices[name]._option_string_actions}
+    assert {"sample", "generate", "unclip", "restore", "eval"} <= with_device
+    assert without_bf16 <= {"reconstruct"}, without_bf16
