@@ -53,7 +53,8 @@ def add_unclip_parser(sub: Any) -> None:
                         "outputs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the prior, decoder and upsampler (CPU or GPU)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the prior, decoder and upsampler (CPU or GPU)")
     p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the grid (default: 2)")
     p.add_argument("--out", "-o", default="unclip.png", help="grid image; its suffix picks the format "
                                                            "(default: %(default)s)")
