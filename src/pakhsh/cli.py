@@ -556,8 +556,11 @@ def _check_before_work(args: argparse.Namespace) -> None:
     """Checks that need no model (device, input images, output paths): they fail before anything is computed."""
     if getattr(args, "device", None) is not None:
         from .pipelines.base import pick_device
+        from .training.precision import bf16_sampling_notice
 
-        pick_device(args.device, "--device")
+        device = pick_device(args.device, "--device")
+        if getattr(args, "bf16", False) and (notice := bf16_sampling_notice(device)):
+            warnings.warn(notice, stacklevel=1)
     for attr in ("image", "image_a", "image_b"):
         if getattr(args, attr, None) is not None:
             _check_image_spec(getattr(args, attr))

@@ -259,3 +259,21 @@ def test_every_command_that_samples_on_a_device_offers_bf16() -> None:
     without_bf16 = {name for name in with_device if "--bf16" not in sub.choices[name]._option_string_actions}
     assert {"sample", "generate", "unclip", "restore", "eval"} <= with_device
     assert without_bf16 <= {"reconstruct"}, without_bf16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_a_notice(uncond: Path, tmp_path: Path, monkeypatch,
+                                                        native: bool) -> None:
+    """--bf16 where oneDNN would emulate bf16 (an AVX2 CPU: several times slower than fp32) says so and still runs;
+    on a CPU with AMX / AVX-512 BF16 it is silent."""
+    import warnings
+
+    import pakhsh.training.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["amx_bf16"] if native else [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["sample", "-m", str(uncond), "-n", "1", "--steps", "2", "--bf16", "--device", "cpu", "-q",
+                     "-o", str(tmp_path / "s.png")]) == 0
+    said = [w for w in seen if "--bf16: this CPU has no native bf16" in str(w.message)]
+    assert len(said) == (0 if native else 1)

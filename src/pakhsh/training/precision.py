@@ -70,3 +70,15 @@ def choose_precision(requested: str, device: str) -> tuple[str, str]:
     if cpu_bf16_features():
         return "bf16", "CPU has AMX/AVX-512 BF16"
     return "no", "this CPU has no native bf16: bf16 autocast would be ~9x slower"
+
+
+def bf16_sampling_notice(device: torch.device) -> str | None:
+    """What to tell a user who asked for `--bf16` on a device without native bf16, or None where it runs natively.
+    On such a CPU oneDNN emulates bf16: 20-step sampling of the shapes model took 19.4 s with --bf16 against 5.0 s
+    in fp32 (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX machine, 32 images, 2 threads)."""
+    if device.type == "cpu" and not cpu_bf16_features():
+        return ("--bf16: this CPU has no native bf16 (AMX or AVX-512 BF16), so bf16 autocast is emulated and "
+                "runs several times slower than fp32 here; leave --bf16 out")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "--bf16: this GPU has no native bf16; leave --bf16 out (fp32 is faster and exact)"
+    return None
