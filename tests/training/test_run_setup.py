@@ -24,6 +24,8 @@ def _cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str) -> Non
     info.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\n")
     monkeypatch.setattr(precision, "CPUINFO", info)
     monkeypatch.setattr(precision.sys, "platform", "linux")
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # a cap in the caller's environment would override flags
+        monkeypatch.delenv(cap, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------- precision
