@@ -439,3 +439,9 @@ def test_palette_auto_spacing_is_uniform():
     assert ImagePipeline.spacing_rule(SampleSettings("ddpm", 20)) == "uniform"
     with pytest.raises(ValueError, match="unknown spacing 'karras'"):
         ImagePipeline.spacing_rule(SampleSettings(spacing="karras"))
+    # text-to-image resolves "auto" the same way, to uniform for every sampler
+    from pakhsh.pipelines.text_to_image import TextToImagePipeline
+    from pakhsh.samplers import resolve_spacing
+
+    assert resolve_spacing("auto", "sde-dpm++2m", TextToImagePipeline.AUTO_SPACING) == "uniform"
+    assert resolve_spacing("noise-dense", "ddpm", TextToImagePipeline.AUTO_SPACING) == "noise-dense"

@@ -33,7 +33,7 @@ import torch
 from ..conditioning.text import TextEmbedding, truncation_notice
 from ..diffusion import GaussianDiffusion
 from ..interop.stable_diffusion import LatentDiffusionModel, load_sd_folder
-from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing
+from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing, resolve_spacing
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from .base import pick_device, sampling_autocast
 from .unconditional import PipelineOutput, SampleSettings, to_pil
@@ -76,6 +76,10 @@ def _prompt_list(prompts: str | Sequence[str], name: str) -> list[str]:
 
 class TextToImagePipeline:
     """A latent text-to-image model ready to use: `TextToImagePipeline.from_pretrained(path).generate(["a cat"])`."""
+
+    # spacing "auto" is uniform for every sampler here: noise-dense steps were measured on unconditional pixel
+    # models only (ImagePipeline.AUTO_SPACING)
+    AUTO_SPACING: dict[str, str] = {}
 
     def __init__(self, model: LatentDiffusionModel, device: str | torch.device = "auto", bf16: bool = False,
                  spacing: Spacing = "scheduler") -> None:
@@ -123,9 +127,8 @@ class TextToImagePipeline:
         m = self.model
         if self.spacing == "scheduler" and m.timestep_spacing is not None and steps is not None:
             return self.diffusion.respace(scheduler_timesteps(m.timestep_spacing, m.steps_offset, T, steps))
-        # "auto" is uniform here: noise-dense steps were measured on unconditional pixel models only
-        rule = "uniform" if settings.spacing == "auto" else settings.spacing
-        spacing = default_spacing(settings.sampler, steps, T, rule)
+        spacing = default_spacing(settings.sampler, steps, T,
+                                  resolve_spacing(settings.spacing, settings.sampler, self.AUTO_SPACING))
         return self.diffusion.respace(spacing) if spacing else self.diffusion
 
     def encode(self, prompts: list[str]) -> TextEmbedding:

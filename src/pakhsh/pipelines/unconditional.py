@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..data import DataConfig
 from ..diffusion import BpdReport, GaussianDiffusion, dataset_bpd
-from ..samplers import SAMPLERS, SPACINGS, ClassifierFreeGuidance, default_spacing, interpolate, vary
+from ..samplers import SAMPLERS, ClassifierFreeGuidance, default_spacing, interpolate, resolve_spacing, vary
 from ..samplers.common import ImageGenerators, StepProgress, steps_for
 from ..training.checkpoint import LoadedModel
 from ..training.experiment import ExperimentConfig
@@ -164,11 +164,7 @@ class ImagePipeline:
     @classmethod
     def spacing_rule(cls, s: SampleSettings) -> str:
         """The spacing `s` walks: "uniform" or "noise-dense" ("auto" resolved for its sampler)."""
-        if s.spacing == "auto":
-            return cls.AUTO_SPACING.get(s.sampler, "uniform")
-        if s.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {s.spacing!r}; known: auto, {', '.join(SPACINGS)}")
-        return s.spacing
+        return resolve_spacing(s.spacing, s.sampler, cls.AUTO_SPACING)
 
     def check_steps(self, steps: int | None, name: str = "steps") -> None:
         """Sampling steps must be a subset of the T training steps (None: all); more would silently mean all."""

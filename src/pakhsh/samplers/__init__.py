@@ -7,7 +7,7 @@ The steps walked are those of the `diffusion` passed in: respace it (`diffusion.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import torch
 
@@ -39,7 +39,17 @@ SpacingName = Literal[
     "noise-dense",  # t_i = (T-1)(1 - (1 - i/(N-1))^2): steps crowd towards pure noise, twice the uniform stride
     # at the data end; where the global layout of an image is decided, a stochastic solver gets more moves
 ]
-SPACINGS = ("uniform", "noise-dense")
+SPACINGS: tuple[str, ...] = get_args(SpacingName)
+
+
+def resolve_spacing(spacing: str, sampler: str, auto: Mapping[str, str]) -> str:
+    """A spacing setting as the steps to walk: "auto" becomes auto[sampler] (uniform for samplers it does not name),
+    the others are checked. Each pipeline keeps its own `auto` table: what was measured best for its models."""
+    if spacing == "auto":
+        return auto.get(sampler, "uniform")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; known: auto, {', '.join(SPACINGS)}")
+    return spacing
 
 
 def noise_dense_steps(steps: int, num_train_steps: int) -> list[int]:
@@ -104,6 +114,7 @@ __all__ = [
     "ddim_invert",
     "ddim_sample",
     "default_spacing",
+    "resolve_spacing",
     "dpm_solver_pp_2m",
     "interpolate",
     "noise_dense_steps",
